@@ -1,0 +1,3 @@
+"""croft-search: hyper-parameter and ablation search for robust fine-tuning of CLIP models."""
+
+__version__ = "0.1.0"
