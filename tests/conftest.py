@@ -1,0 +1,18 @@
+"""Shared fixtures. Everything runs offline on CPU and writes only under pytest's tmp dirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from croft_search.data import build_digits
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding the embedded digits benchmark (seed 0), built once per session.
+    Treat it as read-only: other tests share it."""
+    root = tmp_path_factory.mktemp("digits-data")
+    build_digits(root, seed=0)
+    return root
