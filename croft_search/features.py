@@ -229,7 +229,7 @@ class FeatureCache:
             )  # arrow buffers are read-only
             features = features.view(rows // n_views, n_views, dim)
             paths = table.column("path").to_pylist()[::n_views]
-            labels = torch.as_tensor(table.column("label").to_numpy()[::n_views], dtype=torch.long)
+            labels = torch.tensor(table.column("label").to_numpy()[::n_views], dtype=torch.long)
         except Exception as err:  # noqa: BLE001 - any unreadable cache file is recomputed
             warnings.warn(
                 f"feature cache file {path} is unreadable ({err}); recomputing", stacklevel=3
