@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +88,7 @@ class SplitFeatures:
     test_open: torch.Tensor
     target_domain: str
     backbone_identity: str
+    train_samples: tuple[Sample, ...] = ()
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -355,10 +356,17 @@ class FeatureCache:
             val_domains=domains(split.val),
             test=self.features_of(spec.name, split.test),
             test_labels=labels(split.test),
-            val_open=self.open_set_features(val_open_sets or spec.val_open_sets, "val"),
-            test_open=self.open_set_features(test_open_sets or spec.test_open_sets, "test"),
+            # OOD images in the styles of the images they are compared with, where the open
+            # set records styles: otherwise style alone would separate ID from OOD.
+            val_open=self.open_set_features(
+                val_open_sets or spec.val_open_sets, "val", domains=split.source_domains
+            ),
+            test_open=self.open_set_features(
+                test_open_sets or spec.test_open_sets, "test", domains=(split.target_domain,)
+            ),
             target_domain=split.target_domain,
             backbone_identity=self.backbone.identity,
+            train_samples=split.train,
         )
 
     def open_set_unit(self, name: str, split: str) -> tuple[OpenSet, CachedFeatures]:
@@ -372,14 +380,14 @@ class FeatureCache:
         return open_set, self._units[key]
 
     def open_set_features(
-        self, names: Sequence[str], split: str, domain: str | None = None
+        self, names: Sequence[str], split: str, domains: Collection[str] | None = None
     ) -> torch.Tensor:
         """Clean-view features of one or more open-set datasets, concatenated [M, d]; with
-        ``domain``, only the images of that domain where the open set records domains."""
+        ``domains``, only the images of those domains where the open set records domains."""
         parts = []
         for name in names:
             open_set, unit = self.open_set_unit(name, split)
-            samples = [s for s in open_set.samples if domain is None or s.domain in ("", domain)]
+            samples = [s for s in open_set.samples if domains is None or s.domain in ("", *domains)]
             parts.append(unit.select(samples, self.data_root)[:, 0])
         return torch.cat(parts) if parts else torch.empty(0, self.backbone.embed_dim)
 

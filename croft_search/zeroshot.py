@@ -48,7 +48,7 @@ def zero_shot_report(
         split = load_domain_split(spec.name, cache.data_root, domain)
         text = cache.text_features(class_prompts(template, split.classnames))
         id_logits = zero_shot_logits(cache.features_of(spec.name, split.test), text, logit_scale)
-        ood = cache.open_set_features(spec.test_open_sets, "test", domain=domain)
+        ood = cache.open_set_features(spec.test_open_sets, "test", domains=(domain,))
         ood_logits = zero_shot_logits(ood, text, logit_scale)
         labels = torch.as_tensor([s.label for s in split.test])
         detection = ood_metrics(mcm(id_logits), mcm(ood_logits))

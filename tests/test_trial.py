@@ -1,0 +1,216 @@
+"""The shared loop, the hyper-parameter registry, run_trial's validation protocol and the
+`croft_search.train` command, exercised with a minimal method defined here."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from croft_search.backbones import load_backbone
+from croft_search.errors import ConfigError
+from croft_search.train import main as train_main
+from trainables.base import HParam, Method
+from trainables.loop import TrainingDiverged, learning_rate
+from trainables.registry import get_method, register_method, resolve_hparams
+from trainables.trial import TrialResources, run_trial
+
+
+@register_method
+class ResidualHead(Method):
+    """CLIP logits of the features plus a learnable residual map: enough to train."""
+
+    name = "_test_residual_head"
+    hparams = {"epochs": HParam(3, low=0, high=100), "scale": HParam(1.0, low=0.0, high=10.0)}
+    default_score = "mcm"
+
+    def __init__(self, context, hp):
+        super().__init__(context, hp)
+        self.residual = nn.Linear(context.embed_dim, context.embed_dim, bias=False)
+        nn.init.zeros_(self.residual.weight)
+        self.register_buffer("text", context.class_text.clone())
+
+    def logits(self, features, domains=None):
+        adapted = features + self.hp["scale"] * self.residual(F.normalize(features, dim=-1))
+        return self.clip_logits(adapted, self.text)
+
+
+@register_method
+class Exploding(ResidualHead):
+    name = "_test_exploding"
+
+    def logits(self, features, domains=None):
+        return super().logits(features) * float("nan")
+
+
+@pytest.fixture(scope="module")
+def resources(digits_root, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return TrialResources.load(
+        "digits", ["sketch", "painting"], pretrained=None, views=2,
+        root=str(digits_root), cache_dir=str(cache),
+    )  # fmt: skip
+
+
+def config(**overrides):
+    return {"method": "_test_residual_head", "target_domain": "sketch", "shots": 4} | overrides
+
+
+EXPECTED_KEYS = {
+    "val_acc", "val_auroc", "val_fpr95", "test_acc", "test_auroc", "test_fpr95",
+    "test_aupr_in", "test_aupr_out", "objective", "train_seconds",
+}  # fmt: skip
+
+
+def test_run_trial_returns_every_metric_in_range(resources):
+    result = run_trial(config(), resources)
+    assert EXPECTED_KEYS <= set(result)
+    for key in EXPECTED_KEYS - {"train_seconds"}:
+        assert 0.0 <= result[key] <= 1.0, key
+    assert result["selection"] == "val" and result["score"] == "mcm"
+    assert result["epochs_run"] == 3
+    assert result["objective"] == pytest.approx(0.5 * result["val_acc"] + 0.5 * result["val_auroc"])
+
+
+def test_validation_metrics_never_see_test_data(resources):
+    baseline = run_trial(config(), resources)
+    split = resources.splits["sketch"]
+    scrambled = TrialResources(
+        resources.backbone,
+        {"sketch": _replace(split, test=torch.randn_like(split.test),
+                            test_open=torch.randn_like(split.test_open))},
+        resources.class_text, resources.template,
+    )  # fmt: skip
+    changed = run_trial(config(), scrambled)
+    for key in ("val_acc", "val_auroc", "val_fpr95", "objective"):
+        assert changed[key] == baseline[key], key
+    assert changed["test_acc"] != baseline["test_acc"]
+
+
+def test_oracle_selection_uses_test_metrics_and_says_so(resources):
+    result = run_trial(config(selection="oracle"), resources)
+    assert result["selection"] == "oracle"
+    assert result["objective"] == pytest.approx(
+        0.5 * result["test_acc"] + 0.5 * result["test_auroc"]
+    )
+
+
+def test_same_seed_same_result_other_seed_other_result(resources):
+    a = run_trial(config(seed=3), resources)
+    b = run_trial(config(seed=3), resources)
+    c = run_trial(config(seed=4), resources)
+    assert a["val_acc"] == b["val_acc"] and a["test_auroc"] == b["test_auroc"]
+    assert (c["val_auroc"], c["test_auroc"]) != (a["val_auroc"], a["test_auroc"])
+
+
+def test_report_callback_sees_each_epoch_and_can_stop(resources):
+    rows = []
+
+    def report(row):
+        rows.append(row)
+        return len(rows) == 2
+
+    result = run_trial(config(epochs=10), resources, report=report)
+    assert result["epochs_run"] == 2
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert {"val_acc", "val_auroc", "objective", "lr", "ce"} <= set(rows[0])
+
+
+def test_several_targets_train_in_lockstep_and_average(resources):
+    cfg = config(target_domain=["sketch", "painting"])
+    result = run_trial(cfg, resources)
+    assert result["target_domains"] == "sketch,painting"
+    mean = (result["sketch/test_acc"] + result["painting/test_acc"]) / 2
+    assert result["test_acc"] == pytest.approx(mean)
+
+
+def test_nan_training_fails_loudly(resources):
+    with pytest.raises(TrainingDiverged, match="nan"):
+        run_trial(config(method="_test_exploding"), resources)
+
+
+def test_encoders_do_not_change(resources):
+    before = {k: v.clone() for k, v in resources.backbone.model.state_dict().items()}
+    run_trial(config(epochs=2), resources)
+    after = resources.backbone.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_learning_rate_schedule_warmup_then_cosine():
+    hp = {"lr": 0.1, "epochs": 4, "warmup_epochs": 1, "warmup_lr": 1e-5}
+    assert learning_rate(0, hp) == 1e-5
+    assert learning_rate(1, hp) == pytest.approx(0.1)
+    assert learning_rate(3, hp) == pytest.approx(0.05 * (1 + math.cos(math.pi / 2)))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"lr_typo": 0.1}, "unknown hyper-parameter(s) lr_typo"),
+        ({"lr": "fast"}, "must be of type float"),
+        ({"lr": -1.0}, "below its minimum"),
+        ({"epochs": 2.5}, "must be of type int"),
+        ({"optimizer": "lbfgs"}, "must be one of sgd, adamw"),
+    ],
+)
+def test_bad_hyperparameters(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_hparams("_test_residual_head", overrides)
+
+
+def test_hyperparameters_are_coerced_from_strings():
+    hp = resolve_hparams("_test_residual_head", {"lr": "1e-3", "epochs": "4"})
+    assert hp["lr"] == 1e-3 and hp["epochs"] == 4
+
+
+def test_unknown_method():
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        get_method("nope")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--set", "bogus=1"], "unknown hyper-parameter(s) bogus"),
+        (["--set", "lr=fast"], "must be of type float"),
+        (["--set", "lr"], "--set expects key=value"),
+        (["--target-domain", "moon"], "unknown domain 'moon'"),
+        (["--score", "vibes"], "unknown OOD score 'vibes'"),
+        (["--set", "dataset=PACS"], "with its own flag"),
+    ],
+)
+def test_train_command_bad_input_is_one_line(extra, message, tmp_path, capsys):
+    argv = ["--method", "_test_residual_head", "--target-domain", "sketch", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*argv, "--cache-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_train_command_writes_json(digits_root, tmp_path, capsys):
+    weights = tmp_path / "random.pt"
+    torch.save(load_backbone("tiny-digits", pretrained=None).model.state_dict(), weights)
+    out = tmp_path / "metrics.json"
+    argv = [
+        "--method", "_test_residual_head", "--target-domain", "cartoon", "--views", "1",
+        "--pretrained", str(weights), "--data-root", str(digits_root),
+        "--cache-dir", str(tmp_path / "cache"), "--set", "shots=2", "--set", "epochs=1",
+        "--json", str(out),
+    ]  # fmt: skip
+    assert train_main(argv) == 0
+    metrics = json.loads(out.read_text())
+    assert EXPECTED_KEYS <= set(metrics)
+    assert metrics["target_domains"] == "cartoon" and metrics["epochs_run"] == 1
+    assert "test_auroc" in capsys.readouterr().out
+
+
+def _replace(split, **changes):
+    from dataclasses import replace
+
+    return replace(split, **changes)

@@ -1,0 +1,186 @@
+"""The one interface every method implements, and the hyper-parameter declarations.
+
+A method is a small `torch.nn.Module` that says which parameters train, how cached image
+features become class logits, and which extra losses it adds; the shared loop in
+`trainables.loop` does the optimisation for all of them (DomainBed's `update`/`predict`
+shape, without its string-built commands or global state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from croft_search.errors import ConfigError
+from trainables.text import FrozenTextEncoder
+
+
+@dataclass(frozen=True)
+class HParam:
+    """A hyper-parameter: its default, and the values it may take. The type is the
+    default's (bool, int, float or str)."""
+
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+    def coerce(self, key: str, value: Any) -> Any:
+        """``value`` converted to this parameter's type, or a ConfigError saying why not."""
+        kind = type(self.default)
+        try:
+            if kind is bool:
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError
+                    value = value.lower() in ("true", "1", "yes")
+                elif not isinstance(value, (bool, int)) or value not in (0, 1):
+                    raise ValueError
+                value = bool(value)
+            elif kind is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                value = int(value)
+            elif kind is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                value = float(value)
+                if value != value:  # NaN
+                    raise ValueError
+            else:
+                value = str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"hyper-parameter {key}={value!r} must be of type {kind.__name__}"
+            ) from None
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(
+                f"hyper-parameter {key}={value!r} must be one of "
+                f"{', '.join(map(str, self.choices))}"
+            )
+        if self.low is not None and value < self.low:
+            raise ConfigError(f"hyper-parameter {key}={value} is below its minimum {self.low}")
+        if self.high is not None and value > self.high:
+            raise ConfigError(f"hyper-parameter {key}={value} is above its maximum {self.high}")
+        return value
+
+
+# Hyper-parameters of the shared training loop; a method overrides defaults by redeclaring.
+LOOP_HPARAMS: dict[str, HParam] = {
+    "lr": HParam(0.002, low=0.0, high=10.0, help="peak learning rate"),
+    "epochs": HParam(30, low=0, high=10_000),
+    "batch_size": HParam(32, low=1, high=65_536),
+    "optimizer": HParam("sgd", choices=("sgd", "adamw")),
+    "momentum": HParam(0.9, low=0.0, high=1.0),
+    "weight_decay": HParam(5e-4, low=0.0, high=1.0),
+    "warmup_epochs": HParam(1, low=0, high=1000, help="constant warm-up epochs (Dassl)"),
+    "warmup_lr": HParam(1e-5, low=0.0, high=10.0),
+    "shots": HParam(16, low=0, high=100_000, help="images per class and domain; 0 = all"),
+    "seed": HParam(0, low=0, high=2**31 - 1),
+}
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The (few-shot) training set as cached features: ``views`` [N, V, d] augmented views,
+    ``clean`` [N, d] the evaluation view, ``labels`` [N], ``domains`` [N] source-domain ids."""
+
+    views: torch.Tensor
+    clean: torch.Tensor
+    labels: torch.Tensor
+    domains: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class MethodContext:
+    """What a method may build itself from: the frozen text side, the class names, CLIP's
+    temperature, and the training data (for cache-based methods and pseudo-labels)."""
+
+    classnames: tuple[str, ...]
+    template: str
+    text_encoder: FrozenTextEncoder
+    class_text: torch.Tensor  # raw text features of the template prompts [K, d]
+    logit_scale: float
+    embed_dim: int
+    train: TrainData
+    device: torch.device
+
+
+class Method(nn.Module):
+    """Base class: subclasses set ``name``, declare ``hparams`` and implement ``logits``."""
+
+    name: ClassVar[str]
+    hparams: ClassVar[dict[str, HParam]] = {}
+    # The post-hoc OOD score reported by default (any score in croft_search.scores works).
+    default_score: ClassVar[str] = "mcm"
+    # Whether logits depend on the batch as a whole (DPLCLIP: the batch's mean feature).
+    batch_dependent: ClassVar[bool] = False
+
+    def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
+        super().__init__()
+        self.context = context
+        self.hp = hp
+        self.logit_scale = context.logit_scale
+
+    # -- what every method defines ------------------------------------------------------
+    def logits(self, features: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits [B, K] from raw cached image features [B, d]."""
+        raise NotImplementedError
+
+    def extra_losses(
+        self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Weighted regularisers added to the cross-entropy (already multiplied by their
+        lambdas)."""
+        return {}
+
+    # -- hooks with sensible defaults ---------------------------------------------------
+    def setup(self) -> None:
+        """Runs once before training (closed-form fits, caches, pseudo-labels)."""
+
+    def targets(self, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Training targets of the batch; PLP replaces ground truth with pseudo-labels.
+        ``index`` are the rows of the batch in the training set."""
+        return labels
+
+    def before_step(
+        self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
+    ) -> None:
+        """Runs before each optimiser step of the main parameters (CRoFT's generator)."""
+
+    def training_loss(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        domains: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = self.logits(features, domains)
+        loss = F.cross_entropy(logits, labels)
+        parts = {"ce": float(loss.detach())}
+        for key, value in self.extra_losses(features, labels, domains).items():
+            loss = loss + value
+            parts[key] = float(value.detach())
+        return loss, parts
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """Normalised image embedding used by the KNN and Mahalanobis scores."""
+        return F.normalize(features, dim=-1)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def clip_logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``s * n(image) @ n(text).T``; text may be [K, d] or per-sample [B, K, d]."""
+        image = F.normalize(image, dim=-1)
+        text = F.normalize(text, dim=-1)
+        if text.dim() == 3:
+            return self.logit_scale * torch.einsum("bd,bkd->bk", image, text)
+        return self.logit_scale * image @ text.T

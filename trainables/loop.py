@@ -1,0 +1,92 @@
+"""The one training loop every method shares: optimiser, constant warm-up then cosine
+schedule (as Dassl/CoOp), shuffled mini-batches over cached features with one random
+augmented view per image and step, a per-epoch report callback that can stop training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from trainables.base import Method, TrainData
+
+# Returns True to stop training after this epoch (early stopping, ASHA).
+EpochCallback = Callable[[int, dict[str, float]], bool | None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the trial is recorded as failed."""
+
+
+def learning_rate(epoch: int, hp: dict[str, Any]) -> float:
+    """Constant ``warmup_lr`` for ``warmup_epochs``, then cosine decay from ``lr`` over the
+    epochs (Dassl's ConstantWarmupScheduler wrapping CosineAnnealingLR)."""
+    if epoch < hp["warmup_epochs"]:
+        return hp["warmup_lr"]
+    return 0.5 * hp["lr"] * (1 + math.cos(math.pi * (epoch - hp["warmup_epochs"]) / hp["epochs"]))
+
+
+def build_optimizer(params: list[torch.nn.Parameter], hp: dict[str, Any]) -> torch.optim.Optimizer:
+    if hp["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    return torch.optim.SGD(
+        params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"]
+    )
+
+
+def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterator[dict[str, float]]:
+    """Train ``method`` in place, yielding one log row (lr, mean loss parts) after each
+    epoch, so callers can evaluate, report, stop early or step several trials in lockstep."""
+    torch.manual_seed(hp["seed"])
+    method.setup()
+    params = method.trainable_parameters()
+    if not params or hp["epochs"] == 0 or len(data) == 0:
+        method.eval()
+        return
+    optimizer = build_optimizer(params, hp)
+    generator = torch.Generator().manual_seed(hp["seed"])
+    n, n_views = data.views.shape[:2]
+    device = params[0].device
+    for epoch in range(hp["epochs"]):
+        method.train()
+        lr = learning_rate(epoch, hp)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        totals: dict[str, float] = {}
+        steps = 0
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, hp["batch_size"]):
+            index = order[start : start + hp["batch_size"]]
+            view = torch.randint(n_views, (len(index),), generator=generator)
+            features = data.views[index, view].to(device)
+            labels = method.targets(data.labels[index], index).to(device)
+            domains = data.domains[index].to(device)
+            method.before_step(features, labels, domains)
+            loss, parts = method.training_loss(features, labels, domains)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss became {float(loss.detach())} in epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value
+            steps += 1
+        method.eval()
+        yield {"epoch": epoch, "lr": lr, **{k: v / steps for k, v in totals.items()}}
+
+
+def train(
+    method: Method,
+    data: TrainData,
+    hp: dict[str, Any],
+    on_epoch: EpochCallback | None = None,
+) -> list[dict[str, float]]:
+    """Train ``method`` to the end (or until ``on_epoch`` returns True); returns the log."""
+    history = []
+    for row in train_epochs(method, data, hp):
+        history.append(row)
+        if on_epoch is not None and on_epoch(int(row["epoch"]), row):
+            break
+    return history

@@ -1,0 +1,74 @@
+"""The method registry. Every module in the `trainables` package that defines a method
+registers it with `@register_method`; adding a method is adding one such file."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Any
+
+from croft_search.errors import ConfigError
+from trainables.base import LOOP_HPARAMS, HParam, Method
+
+_METHODS: dict[str, type[Method]] = {}
+# Modules of this package that hold infrastructure, not methods.
+_INFRASTRUCTURE = {"base", "registry", "loop", "text", "trial", "evaluate"}
+_discovered = False
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    name = cls.name
+    if name in _METHODS and _METHODS[name] is not cls:
+        raise ConfigError(f"method name {name!r} is registered twice")
+    clash = set(cls.hparams) & {"method", "dataset", "target_domain", "backbone"}
+    if clash:
+        raise ConfigError(f"method {name} declares reserved hyper-parameter(s) {sorted(clash)}")
+    _METHODS[name] = cls
+    return cls
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    import trainables
+
+    for module in pkgutil.iter_modules(trainables.__path__):
+        if module.name not in _INFRASTRUCTURE and not module.name.startswith("_"):
+            importlib.import_module(f"trainables.{module.name}")
+    _discovered = True
+
+
+def method_names() -> list[str]:
+    _discover()
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    _discover()
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown method {name!r}; known methods: {', '.join(method_names())}"
+        ) from None
+
+
+def hparam_specs(method: str) -> dict[str, HParam]:
+    """Every hyper-parameter of ``method``: the loop's, overridden or extended by its own."""
+    return {**LOOP_HPARAMS, **get_method(method).hparams}
+
+
+def resolve_hparams(method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults of ``method`` updated with ``overrides``, each checked for name, type and
+    range; an unknown key is an error (a typo must not silently fall back to a default)."""
+    specs = hparam_specs(method)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(specs))
+    if unknown:
+        raise ConfigError(
+            f"unknown hyper-parameter(s) {', '.join(unknown)} for method {method}; "
+            f"known: {', '.join(sorted(specs))}"
+        )
+    return {key: spec.coerce(key, overrides.get(key, spec.default)) for key, spec in specs.items()}

@@ -1,0 +1,250 @@
+"""One trial: a method with one configuration, trained from cached features on one or more
+leave-one-domain-out splits, evaluated by the validation protocol. `run_trial(config)` is
+what the search runs for every sample, and what `python -m croft_search.train` runs once."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from croft_search.backbones import Backbone, load_backbone
+from croft_search.config import data_root
+from croft_search.data import get_dataset_spec, sample_few_shot
+from croft_search.errors import ConfigError
+from croft_search.features import FeatureCache, SplitFeatures
+from croft_search.scores import score_names
+from croft_search.selection import check_selection, objective
+from croft_search.zeroshot import class_prompts
+from trainables.base import MethodContext, TrainData
+from trainables.evaluate import build_score, evaluate
+from trainables.loop import train_epochs
+from trainables.registry import get_method, resolve_hparams
+from trainables.text import FrozenTextEncoder
+
+# Trial settings that are not hyper-parameters of the method, with their defaults.
+TRIAL_SETTINGS: dict[str, Any] = {
+    "method": None,
+    "dataset": "digits",
+    "target_domain": "all",
+    "backbone": "tiny-digits",
+    "pretrained": "default",
+    "views": 8,
+    "view_seed": 0,
+    "score": None,
+    "selection": "val",
+    "objective_weight": 0.5,
+    "device": "cpu",
+    "data_root": None,
+    "cache_dir": None,
+}
+# Called after every epoch with the validation metrics so far; True stops the trial.
+ReportCallback = Callable[[dict[str, float]], bool | None]
+
+
+@dataclass
+class TrialResources:
+    """What every trial of one search shares, loaded once: the frozen backbone (for the text
+    encoder of prompt learners) and the cached features of each split."""
+
+    backbone: Backbone
+    splits: dict[str, SplitFeatures]
+    class_text: torch.Tensor
+    template: str
+
+    @classmethod
+    def load(
+        cls,
+        dataset: str,
+        targets: Sequence[str],
+        backbone: str = "tiny-digits",
+        pretrained: str | None = "default",
+        views: int = 8,
+        view_seed: int = 0,
+        root: str | None = None,
+        cache_dir: str | None = None,
+        device: str = "cpu",
+        progress: bool = False,
+    ) -> TrialResources:
+        spec = get_dataset_spec(dataset)
+        loaded = load_backbone(backbone, pretrained, device=device)
+        cache = FeatureCache(loaded, data_root(root), cache_dir=cache_dir, progress=progress)
+        splits = {
+            target: cache.split_features(spec.name, target, views=views, view_seed=view_seed)
+            for target in targets
+        }
+        classnames = next(iter(splits.values())).classnames
+        class_text = cache.text_features(class_prompts(spec.prompt_template, classnames))
+        return cls(loaded, splits, class_text, spec.prompt_template)
+
+
+_RESOURCES: dict[tuple, TrialResources] = {}
+
+
+def resources_for(settings: Mapping[str, Any], targets: Sequence[str]) -> TrialResources:
+    """Resources for these settings, kept per process so repeated trials load nothing."""
+    key = tuple(
+        settings[k]
+        for k in ("dataset", "backbone", "pretrained", "views", "view_seed", "data_root",
+                  "cache_dir", "device")
+    ) + tuple(targets)  # fmt: skip
+    if key not in _RESOURCES:
+        _RESOURCES[key] = TrialResources.load(
+            settings["dataset"],
+            targets,
+            backbone=settings["backbone"],
+            pretrained=settings["pretrained"],
+            views=settings["views"],
+            view_seed=settings["view_seed"],
+            root=settings["data_root"],
+            cache_dir=settings["cache_dir"],
+            device=settings["device"],
+        )
+    return _RESOURCES[key]
+
+
+def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trial settings with defaults filled in, method hyper-parameters as given)."""
+    settings = {key: config.get(key, default) for key, default in TRIAL_SETTINGS.items()}
+    hparams = {key: value for key, value in config.items() if key not in TRIAL_SETTINGS}
+    if not settings["method"]:
+        raise ConfigError("a trial needs a method (config key 'method')")
+    check_selection(settings["selection"])
+    if settings["score"] is not None and settings["score"] not in score_names():
+        raise ConfigError(
+            f"unknown OOD score {settings['score']!r}; known scores: {', '.join(score_names())}"
+        )
+    weight = settings["objective_weight"]
+    if not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"objective_weight must be a number in [0, 1], got {weight!r}")
+    if not isinstance(settings["views"], int) or settings["views"] < 0:
+        raise ConfigError(f"views must be an integer >= 0, got {settings['views']!r}")
+    return settings, hparams
+
+
+def target_domains(dataset: str, target: str | Sequence[str]) -> list[str]:
+    """The leave-one-domain-out targets: one name, a list, or "all"."""
+    spec = get_dataset_spec(dataset)
+    if isinstance(target, str):
+        target = list(spec.domains) if target == "all" else [target]
+    if not target:
+        raise ConfigError("target_domain is empty; name a domain, several, or 'all'")
+    return [spec.canonical_domain(t) for t in target]
+
+
+def few_shot_train(split: SplitFeatures, shots: int, seed: int) -> TrainData:
+    """The seeded k-shot training subset (k per class and source domain) of a split."""
+    row = {sample: i for i, sample in enumerate(split.train_samples)}
+    chosen = sample_few_shot(split.train_samples, shots or None, seed)
+    index = torch.as_tensor([row[s] for s in chosen], dtype=torch.long)
+    return TrainData(
+        views=split.train_views[index],
+        clean=split.train_clean[index],
+        labels=split.train_labels[index],
+        domains=split.train_domains[index],
+    )
+
+
+def run_trial(
+    config: Mapping[str, Any],
+    resources: TrialResources | None = None,
+    report: ReportCallback | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate one configuration; returns its metrics.
+
+    With several target domains the splits train in lockstep, so the per-epoch report (for
+    early stopping) is the mean over splits; final metrics are the means, plus every
+    per-target figure as ``<target>/<metric>``."""
+    settings, overrides = split_config(config)
+    method_cls = get_method(settings["method"])
+    hp = resolve_hparams(settings["method"], overrides)
+    targets = target_domains(settings["dataset"], settings["target_domain"])
+    resources = resources or resources_for(settings, targets)
+    missing = [t for t in targets if t not in resources.splits]
+    if missing:
+        raise ConfigError(f"the loaded features hold no split for target domain(s) {missing}")
+
+    device = torch.device(settings["device"])
+    text_encoder = FrozenTextEncoder(resources.backbone)
+    started = time.perf_counter()
+    runs = []
+    for target in targets:
+        split = resources.splits[target]
+        data = few_shot_train(split, hp["shots"], hp["seed"])
+        context = MethodContext(
+            classnames=split.classnames,
+            template=resources.template,
+            text_encoder=text_encoder,
+            class_text=resources.class_text.to(device),
+            logit_scale=resources.backbone.logit_scale(),
+            embed_dim=resources.backbone.embed_dim,
+            train=data,
+            device=device,
+        )
+        torch.manual_seed(hp["seed"])
+        method = method_cls(context, hp).to(device)
+        runs.append((target, split, data, method, train_epochs(method, data, hp)))
+
+    history: list[dict[str, float]] = []
+    for epoch_rows in _lockstep([run[4] for run in runs]):
+        row = _mean_rows(epoch_rows)
+        if report is not None:
+            validation = [
+                evaluate(method, split, build_score(method, settings["score"], data), False)
+                for _, split, data, method, _ in runs
+            ]
+            row |= _mean_rows(validation)
+            row["objective"] = objective(row, "val", settings["objective_weight"])
+            history.append(row)
+            if report(row):
+                break
+        else:
+            history.append(row)
+    train_seconds = time.perf_counter() - started
+
+    per_target = {}
+    for target, split, data, method, _ in runs:
+        score = build_score(method, settings["score"], data)
+        per_target[target] = evaluate(method, split, score, include_test=True)
+    result: dict[str, Any] = _mean_rows(list(per_target.values()))
+    for target, metrics in per_target.items():
+        if len(targets) > 1:
+            result |= {f"{target}/{key}": value for key, value in metrics.items()}
+    result["objective"] = objective(result, settings["selection"], settings["objective_weight"])
+    if any(isinstance(v, float) and math.isnan(v) for v in result.values()):
+        raise FloatingPointError("the trial produced NaN metrics")
+    result |= {
+        "selection": settings["selection"],
+        "score": settings["score"] or method_cls.default_score,
+        "target_domains": ",".join(targets),
+        "epochs_run": len(history),
+        "train_seconds": train_seconds,
+        "backbone_identity": resources.backbone.identity,
+    }
+    return result
+
+
+def _lockstep(iterators: list) -> Any:
+    """Advance every training generator one epoch at a time; stop when all are done."""
+    while True:
+        rows = []
+        for iterator in iterators:
+            row = next(iterator, None)
+            if row is not None:
+                rows.append(row)
+        if not rows:
+            return
+        yield rows
+
+
+def _mean_rows(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    keys = dict.fromkeys(k for row in rows for k in row)
+    means = {}
+    for key in keys:
+        values = [row[key] for row in rows if key in row]
+        means[key] = sum(values) / len(values)
+    return means
