@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from croft_search.data import build_digits
 
@@ -16,3 +17,13 @@ def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("digits-data")
     build_digits(root, seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Method tests run tiny matrix products: intra-op threads only wait for each other there,
+    and on a loaded 2-core machine two threads made text-encoder steps ~25x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -109,8 +109,16 @@ def raised(error_type: type[Exception], call, *args, **kwargs) -> str:
 
 def test_builtin_datasets_are_registered_with_their_default_open_sets() -> None:
     names = dataset_names()
-    for name in ("PACS", "VLCS", "digits", "DTD", "Food101", "Caltech101",
-                 "digits_open_val", "digits_open_test"):
+    for name in (
+        "PACS",
+        "VLCS",
+        "digits",
+        "DTD",
+        "Food101",
+        "Caltech101",
+        "digits_open_val",
+        "digits_open_test",
+    ):
         assert name in names
     pacs = get_dataset_spec("pacs")
     assert pacs.domains == PACS_DOMAINS
@@ -244,9 +252,7 @@ def test_a_part_that_is_not_a_list(pacs_root: Path) -> None:
 @pytest.mark.parametrize("relpath", ["/etc/passwd", "../outside/x.png", "photo\\..\\..\\x.png"])
 def test_rows_must_stay_inside_the_image_folder(pacs_root: Path, relpath: str) -> None:
     rewrite_split(pacs_root, lambda content: content["train"].append([relpath, 0, "dog"]))
-    assert "must be relative" in raised(
-        DataError, load_domain_split, "PACS", pacs_root, "photo"
-    )
+    assert "must be relative" in raised(DataError, load_domain_split, "PACS", pacs_root, "photo")
 
 
 def test_one_label_with_two_names(pacs_root: Path) -> None:
@@ -328,7 +334,9 @@ def test_sixteen_bit_images_are_rescaled_not_clipped(tmp_path: Path) -> None:
     values = np.array([[0, 32896, 65535]], dtype=np.uint16)
     Image.fromarray(values).save(tmp_path / "deep.png")
     assert [load_image(tmp_path / "deep.png").getpixel((x, 0))[0] for x in range(3)] == [
-        0, 128, 255,
+        0,
+        128,
+        255,
     ]
 
 
@@ -364,8 +372,16 @@ def test_image_folder_open_set(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("isolated_registry")
 def test_image_folder_open_set_with_domains_in_file_names(tmp_path: Path) -> None:
-    register_dataset(DatasetSpec(name="toy_open", kind="open_set", folder="toy", image_subdir="",
-                                 domains=("ink", "paint"), domain_in_filename=True))
+    register_dataset(
+        DatasetSpec(
+            name="toy_open",
+            kind="open_set",
+            folder="toy",
+            image_subdir="",
+            domains=("ink", "paint"),
+            domain_in_filename=True,
+        )
+    )
     write_image(tmp_path / "toy" / "zebra" / "ink_0.png")
     write_image(tmp_path / "toy" / "zebra" / "paint_0.png")
     assert [s.domain for s in load_open_set("toy_open", tmp_path).samples] == ["ink", "paint"]
@@ -388,8 +404,9 @@ def make_coop_dataset(root: Path, folder: str, image_subdir: str, split_file: st
         for index, part in enumerate(("train", "val", "test", "test")):
             relpath = f"{classname}/{classname}_{index}.jpg"
             write_image(root / folder / image_subdir / relpath, "RGB")
-            split[part].append([relpath if index else f"{image_subdir}/{relpath}", label,
-                                classname])
+            split[part].append(
+                [relpath if index else f"{image_subdir}/{relpath}", label, classname]
+            )
     write_json(root / folder / split_file, split)
 
 
@@ -412,8 +429,7 @@ def test_coop_layout_open_sets(
     assert all(sample.path.is_file() for sample in test_set.samples)
     assert test_set.source == (tmp_path / folder / split_file).absolute()
     train_set = load_open_set(name, tmp_path, split="train")
-    assert [sample.path.name for sample in train_set.samples] == ["banded_0.jpg",
-                                                                  "zigzagged_0.jpg"]
+    assert [sample.path.name for sample in train_set.samples] == ["banded_0.jpg", "zigzagged_0.jpg"]
     assert "unknown split" in raised(ConfigError, load_open_set, name, tmp_path, "holdout")
 
 

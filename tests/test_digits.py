@@ -67,7 +67,7 @@ def test_every_split_file_loads_through_the_real_loader(digits_root: Path) -> No
             # A source image is validation in every file or in none.
             in_val = sample in split.val
             assert val_of_image.setdefault(sample.path, in_val) == in_val
-    images = [load_image(sample.path) for sample in split.test[:: 60]]
+    images = [load_image(sample.path) for sample in split.test[::60]]
     assert {(image.mode, image.size) for image in images} == {("RGB", (32, 32))}
 
 
@@ -124,9 +124,11 @@ def test_build_is_idempotent_and_detects_an_interrupted_build(
     assert build_digits(digits_root) == digits_root / "digits"  # already there: a no-op
 
     renders = []
-    monkeypatch.setattr(digits_module, "_write_benchmark", lambda staging, seed: renders.append(
-        _fake_benchmark(staging)
-    ))
+    monkeypatch.setattr(
+        digits_module,
+        "_write_benchmark",
+        lambda staging, seed: renders.append(_fake_benchmark(staging)),
+    )
     build_digits(tmp_path)
     build_digits(tmp_path)
     assert len(renders) == 1

@@ -19,6 +19,8 @@ from trainables.loop import TrainingDiverged, learning_rate
 from trainables.registry import get_method, register_method, resolve_hparams
 from trainables.trial import TrialResources, run_trial
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @register_method
 class ResidualHead(Method):

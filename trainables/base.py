@@ -8,6 +8,8 @@ shape, without its string-built commands or global state).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -106,12 +108,20 @@ class MethodContext:
 
     classnames: tuple[str, ...]
     template: str
-    text_encoder: FrozenTextEncoder
     class_text: torch.Tensor  # raw text features of the template prompts [K, d]
     logit_scale: float
     embed_dim: int
     train: TrainData
     device: torch.device
+    # Opening the text tower is deferred to the methods that run it (prompt learners), so
+    # methods on fixed text features work with any backbone.
+    make_text_encoder: Callable[[], FrozenTextEncoder] | None = None
+
+    @functools.cached_property
+    def text_encoder(self) -> FrozenTextEncoder:
+        if self.make_text_encoder is None:
+            raise ConfigError("this trial has no text encoder; prompt learning needs a backbone")
+        return self.make_text_encoder()
 
 
 class Method(nn.Module):

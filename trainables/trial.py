@@ -20,7 +20,7 @@ from croft_search.features import FeatureCache, SplitFeatures
 from croft_search.scores import score_names
 from croft_search.selection import check_selection, objective
 from croft_search.zeroshot import class_prompts
-from trainables.base import MethodContext, TrainData
+from trainables.base import Method, MethodContext, TrainData
 from trainables.evaluate import build_score, evaluate
 from trainables.loop import train_epochs
 from trainables.registry import get_method, resolve_hparams
@@ -80,6 +80,9 @@ class TrialResources:
         classnames = next(iter(splits.values())).classnames
         class_text = cache.text_features(class_prompts(spec.prompt_template, classnames))
         return cls(loaded, splits, class_text, spec.prompt_template)
+
+    def text_encoder(self) -> FrozenTextEncoder:
+        return FrozenTextEncoder(self.backbone)
 
 
 _RESOURCES: dict[tuple, TrialResources] = {}
@@ -149,6 +152,29 @@ def few_shot_train(split: SplitFeatures, shots: int, seed: int) -> TrainData:
     )
 
 
+def build_method(
+    name: str,
+    hp: dict[str, Any],
+    resources: TrialResources,
+    split: SplitFeatures,
+    data: TrainData,
+    device: torch.device,
+) -> Method:
+    """A freshly initialised method (seeded by ``hp["seed"]``) for one split."""
+    context = MethodContext(
+        classnames=split.classnames,
+        template=resources.template,
+        class_text=resources.class_text.to(device),
+        logit_scale=resources.backbone.logit_scale(),
+        embed_dim=resources.backbone.embed_dim,
+        train=data,
+        device=device,
+        make_text_encoder=resources.text_encoder,
+    )
+    torch.manual_seed(hp["seed"])
+    return get_method(name)(context, hp).to(device)
+
+
 def run_trial(
     config: Mapping[str, Any],
     resources: TrialResources | None = None,
@@ -169,24 +195,12 @@ def run_trial(
         raise ConfigError(f"the loaded features hold no split for target domain(s) {missing}")
 
     device = torch.device(settings["device"])
-    text_encoder = FrozenTextEncoder(resources.backbone)
     started = time.perf_counter()
     runs = []
     for target in targets:
         split = resources.splits[target]
         data = few_shot_train(split, hp["shots"], hp["seed"])
-        context = MethodContext(
-            classnames=split.classnames,
-            template=resources.template,
-            text_encoder=text_encoder,
-            class_text=resources.class_text.to(device),
-            logit_scale=resources.backbone.logit_scale(),
-            embed_dim=resources.backbone.embed_dim,
-            train=data,
-            device=device,
-        )
-        torch.manual_seed(hp["seed"])
-        method = method_cls(context, hp).to(device)
+        method = build_method(settings["method"], hp, resources, split, data, device)
         runs.append((target, split, data, method, train_epochs(method, data, hp)))
 
     history: list[dict[str, float]] = []

@@ -130,16 +130,19 @@ def _glyph_shape(digit: int, font_path: Path, rng: np.random.Generator) -> Image
     stroke_width = int(rng.integers(0, 3))
     canvas = Image.new("L", (SHAPE_SIZE, SHAPE_SIZE))
     draw = ImageDraw.Draw(canvas)
-    left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font,
-                                             stroke_width=stroke_width)
+    left, top, right, bottom = draw.textbbox(
+        (0, 0), str(digit), font=font, stroke_width=stroke_width
+    )
     origin = ((SHAPE_SIZE - (right - left)) / 2 - left, (SHAPE_SIZE - (bottom - top)) / 2 - top)
-    draw.text(origin, str(digit), font=font, fill=255, stroke_width=stroke_width,
-              stroke_fill=255)
+    draw.text(origin, str(digit), font=font, fill=255, stroke_width=stroke_width, stroke_fill=255)
     return canvas
 
 
 def _affine_jitter(
-    shape: Image.Image, rng: np.random.Generator, max_rotation_deg: float, max_shear: float,
+    shape: Image.Image,
+    rng: np.random.Generator,
+    max_rotation_deg: float,
+    max_shear: float,
     shift: int,
 ) -> Image.Image:
     angle = math.radians(rng.uniform(-max_rotation_deg, max_rotation_deg))

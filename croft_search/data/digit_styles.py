@@ -215,8 +215,10 @@ def _dots(rng: np.random.Generator, count: int) -> np.ndarray:
     layer = Image.new("L", (SHAPE_SIZE, SHAPE_SIZE))
     draw = ImageDraw.Draw(layer)
     for x, y, radius in zip(
-        rng.uniform(0, SHAPE_SIZE, count), rng.uniform(0, SHAPE_SIZE, count),
-        rng.uniform(2.0, 6.0, count), strict=True,
+        rng.uniform(0, SHAPE_SIZE, count),
+        rng.uniform(0, SHAPE_SIZE, count),
+        rng.uniform(2.0, 6.0, count),
+        strict=True,
     ):
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=255)
     return np.asarray(layer, dtype=np.float32) / 255.0

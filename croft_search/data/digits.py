@@ -88,8 +88,12 @@ def _build(root: Path, seed: int, manifest: dict) -> None:
     try:
         _write_benchmark(staging, seed)
         _write_text(staging / FOLDER / MANIFEST, json.dumps(manifest, indent=2))
-        publish(staging, root, (OPEN_VAL_FOLDER, OPEN_TEST_FOLDER, FOLDER),
-                manifest=root / FOLDER / MANIFEST)
+        publish(
+            staging,
+            root,
+            (OPEN_VAL_FOLDER, OPEN_TEST_FOLDER, FOLDER),
+            manifest=root / FOLDER / MANIFEST,
+        )
     finally:
         remove_stale_staging(root, _STAGING_PREFIX)
 

@@ -67,8 +67,7 @@ def _sample(row: SplitRow, image_dir: Path, spec: DatasetSpec, where: str) -> Sa
             f"{where}: path {row.relpath!r} must start with a domain folder, one of "
             f"{', '.join(spec.domains)}"
         )
-    return Sample(path=image_dir / relpath, label=row.label, classname=row.classname,
-                  domain=domain)
+    return Sample(path=image_dir / relpath, label=row.label, classname=row.classname, domain=domain)
 
 
 def _check_leave_one_domain_out(

@@ -47,8 +47,7 @@ class DatasetSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("domain_split", "open_set"):
             raise ConfigError(
-                f"dataset {self.name}: kind must be 'domain_split' or 'open_set', "
-                f"not {self.kind!r}"
+                f"dataset {self.name}: kind must be 'domain_split' or 'open_set', not {self.kind!r}"
             )
         if (self.kind == "domain_split" or self.domain_in_filename) and not self.domains:
             raise ConfigError(

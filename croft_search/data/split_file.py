@@ -40,8 +40,9 @@ def read_split_file(path: Path, required: Sequence[str]) -> dict[str, tuple[Spli
         raise DataError(f"split file {path} must hold a JSON object with keys {_keys(required)}")
     for part in required:
         if part not in content:
-            raise DataError(f"split file {path} has no {part!r} list (expected keys "
-                            f"{_keys(required)})")
+            raise DataError(
+                f"split file {path} has no {part!r} list (expected keys {_keys(required)})"
+            )
     parts = {
         part: _parse_rows(content[part], part, path) for part in SPLIT_PARTS if part in content
     }
@@ -101,8 +102,9 @@ def check_images_exist(paths: Iterable[Path], split_path: Path, image_dir: Path)
 
 def _parse_rows(rows: object, part: str, path: Path) -> tuple[SplitRow, ...]:
     if not isinstance(rows, list):
-        raise DataError(f"split file {path}: {part!r} must be a list of "
-                        f"[relpath, label, classname] rows")
+        raise DataError(
+            f"split file {path}: {part!r} must be a list of [relpath, label, classname] rows"
+        )
     return tuple(_parse_row(row, part, index, path) for index, row in enumerate(rows))
 
 

@@ -1,0 +1,66 @@
+"""Every method with its default hyper-parameters on every leave-one-domain-out split of a
+dataset, over several seeds: target-domain accuracy, AUROC and FPR95 (mean and std over
+seeds of the mean over target domains) and seconds per trial (one target domain).
+
+    python bench/methods_table.py [--seeds 0 1 2] [--methods croft coop ...] [--markdown PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from croft_search.data import get_dataset_spec
+from trainables.registry import method_names
+from trainables.trial import TrialResources, run_trial
+
+
+def mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.fmean(values):.1f} ± {100 * spread:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--pretrained", default="default")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=None)
+    parser.add_argument("--markdown", default=None, help="also write the table here")
+    args = parser.parse_args()
+
+    methods = args.methods or [m for m in method_names() if not m.startswith("_")]
+    domains = list(get_dataset_spec(args.dataset).domains)
+    resources = TrialResources.load(args.dataset, domains, pretrained=args.pretrained)
+    header = ("| method | target acc | AUROC | FPR95 | val objective | s / trial |\n"
+              "|---|---|---|---|---|---|")  # fmt: skip
+    lines = [header]
+    print(
+        f"{args.dataset}, targets {', '.join(domains)}, seeds {args.seeds}, "
+        f"backbone {resources.backbone.identity}; mean ± std over seeds, in %"
+    )
+    print(header)
+    for method in methods:
+        results = []
+        started = time.perf_counter()
+        for seed in args.seeds:
+            config = {"method": method, "dataset": args.dataset, "target_domain": domains,
+                      "seed": seed}  # fmt: skip
+            results.append(run_trial(config, resources))
+        per_trial = (time.perf_counter() - started) / (len(args.seeds) * len(domains))
+        line = (
+            f"| {method} | {mean_std([r['test_acc'] for r in results])} "
+            f"| {mean_std([r['test_auroc'] for r in results])} "
+            f"| {mean_std([r['test_fpr95'] for r in results])} "
+            f"| {mean_std([r['objective'] for r in results])} | {per_trial:.1f} |"
+        )
+        lines.append(line)
+        print(line, flush=True)
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

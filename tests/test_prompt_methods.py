@@ -1,0 +1,363 @@
+"""The opened-up text encoder, the prompt learner, and the prompt-learning baselines CoOp,
+CoCoOp and DPLCLIP trained through the shared loop on digits features.
+
+Backbones are random-init (pretrained=None): every assertion is about exact equivalences
+and method-specific structure, never about zero-shot quality."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from open_clip.transformer import TextTransformer
+
+from croft_search.backbones import load_backbone
+from croft_search.data import get_dataset_spec, load_domain_split, load_image, sample_few_shot
+from croft_search.errors import ConfigError
+from trainables.base import MethodContext, TrainData
+from trainables.loop import train
+from trainables.registry import get_method, resolve_hparams
+from trainables.text import FrozenTextEncoder, PromptLearner
+
+TEMPLATE_WORDS = "a photo of the number"
+TEMPLATE_TOKENS = 5  # "a photo of the number" in open_clip's CLIP tokenizer
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five")
+# Beyond the embedded model: a CLIP whose text tower is wider and deeper, with context
+# length 77, and a CustomTextCLIP (text tower in model.text) with a bidirectional (no causal
+# mask) text transformer.
+OTHER_BACKBONES = ("ViT-S-32-alt", "MobileCLIP-S1")
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_backbone("tiny-digits", pretrained=None)
+
+
+@pytest.fixture(scope="module", params=("tiny-digits", *OTHER_BACKBONES))
+def any_backbone(request, tiny):
+    return tiny if request.param == "tiny-digits" else load_backbone(request.param, None)
+
+
+def template_prompts(words: str, names=DIGIT_NAMES) -> list[str]:
+    return [f"{words} {name}." for name in names]
+
+
+# ------------------------------------------------------------------ FrozenTextEncoder
+def test_encoder_reproduces_open_clip_encode_text(any_backbone):
+    encoder = FrozenTextEncoder(any_backbone)
+    texts = ["a photo of the number zero.", "a sketch of the number seven", "x"]
+    expected = any_backbone.encode_texts(texts)
+    with torch.no_grad():
+        got = encoder.encode(texts)
+    assert got.shape == (len(texts), any_backbone.embed_dim)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # Held outside the module tree: no backbone weight is a parameter of the encoder.
+    assert list(encoder.parameters()) == [] and encoder.state_dict() == {}
+
+
+def _fake_backbone(tower: torch.nn.Module, tokenizer) -> SimpleNamespace:
+    model = SimpleNamespace(text=tower)
+    return SimpleNamespace(
+        name="fake", model=model, tokenizer=tokenizer, context_length=16, embed_dim=32
+    )
+
+
+def test_encoder_applies_a_padding_mask_like_open_clip(tiny):
+    """open_clip's bidirectional TextTransformer can mask padding; the encoder must too."""
+    torch.manual_seed(0)
+    tower = TextTransformer(
+        context_length=16, width=32, heads=2, layers=2, output_dim=32,
+        no_causal_mask=True, use_pad_mask=True, pad_id=0,
+    ).eval()  # fmt: skip
+    encoder = FrozenTextEncoder(_fake_backbone(tower, tiny.tokenizer))
+    assert encoder.pad_mask
+    tokens = tiny.tokenizer(["a photo of the number two.", "one"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            encoder.encode(["a photo of the number two.", "one"]), tower(tokens)
+        )
+
+
+def test_encoder_refuses_a_text_tower_with_a_class_token(tiny):
+    tower = TextTransformer(context_length=16, width=32, heads=2, layers=1, embed_cls=True)
+    with pytest.raises(ConfigError, match="prompt learning cannot open"):
+        FrozenTextEncoder(_fake_backbone(tower, tiny.tokenizer))
+
+
+# ------------------------------------------------------------------ PromptLearner
+def test_prompt_learner_starts_as_the_hand_written_template(any_backbone):
+    encoder = FrozenTextEncoder(any_backbone)
+    learner = PromptLearner(encoder, DIGIT_NAMES, TEMPLATE_TOKENS, init_words=TEMPLATE_WORDS)
+    expected = any_backbone.encode_texts(template_prompts(TEMPLATE_WORDS))
+    torch.testing.assert_close(learner(), expected, rtol=0, atol=1e-5)
+    assert learner.context.shape == (TEMPLATE_TOKENS, encoder.width)
+    assert learner.context.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("position", "layout"),
+    [("front", "{name} a photo of the number."), ("middle", "a photo {name} of the number.")],
+)
+def test_class_positions_place_the_name_where_asked(tiny, position, layout):
+    encoder = FrozenTextEncoder(tiny)
+    learner = PromptLearner(
+        encoder, DIGIT_NAMES, TEMPLATE_TOKENS, init_words=TEMPLATE_WORDS, class_position=position
+    )
+    with torch.no_grad():
+        got = learner()
+        end = PromptLearner(encoder, DIGIT_NAMES, TEMPLATE_TOKENS, init_words=TEMPLATE_WORDS)()
+    # Equal to the plain text with the name moved (context initialised from the words) ...
+    expected = tiny.encode_texts([layout.format(name=name) for name in DIGIT_NAMES])
+    assert got.shape == (len(DIGIT_NAMES), tiny.embed_dim)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    # ... hence different from the class-name-last prompts.
+    assert (got - end).abs().max() > 1e-3
+
+
+def test_class_position_handles_multi_token_names(tiny):
+    """Class names of several tokens ("dining table") move as a whole."""
+    encoder = FrozenTextEncoder(tiny)
+    names = ("dog", "dining table", "guitar")
+    learner = PromptLearner(encoder, names, 2, init_words="a photo", class_position="front")
+    assert learner.name_lengths == [1, 2, 1]
+    expected = tiny.encode_texts([f"{name} a photo." for name in names])
+    with torch.no_grad():
+        torch.testing.assert_close(learner(), expected, rtol=0, atol=1e-5)
+
+
+def test_class_specific_contexts_are_one_per_class(tiny):
+    encoder = FrozenTextEncoder(tiny)
+    learner = PromptLearner(
+        encoder, DIGIT_NAMES, TEMPLATE_TOKENS, init_words=TEMPLATE_WORDS, class_specific=True
+    )
+    assert learner.context.shape == (len(DIGIT_NAMES), TEMPLATE_TOKENS, encoder.width)
+    with torch.no_grad():
+        before = learner()
+        torch.testing.assert_close(before, tiny.encode_texts(template_prompts(TEMPLATE_WORDS)))
+        # Move the context of class "two" only (randomly: pre-LN towers ignore a constant).
+        learner.context[2] += torch.randn(
+            learner.context[2].shape, generator=torch.Generator().manual_seed(0)
+        )
+        after = learner()
+    changed = (after - before).abs().amax(dim=1) > 1e-4
+    assert changed.tolist() == [k == 2 for k in range(len(DIGIT_NAMES))]
+
+
+def test_per_sample_bias_gives_per_sample_prompts(tiny):
+    encoder = FrozenTextEncoder(tiny)
+    learner = PromptLearner(encoder, DIGIT_NAMES, 4)
+    bias = torch.randn(3, encoder.width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        shared = learner(bias)  # [B, w]: one shift for every slot
+        per_slot = learner(bias[:, None].expand(-1, 4, -1))  # [B, M, w]: the same shift
+        zero = learner(torch.zeros(2, encoder.width))
+    assert shared.shape == (3, len(DIGIT_NAMES), tiny.embed_dim)
+    torch.testing.assert_close(shared, per_slot)
+    torch.testing.assert_close(zero, learner().expand(2, -1, -1).detach(), rtol=0, atol=1e-5)
+    assert (shared[0] - shared[1]).abs().max() > 1e-3
+
+
+def test_context_that_does_not_fit_is_a_config_error(tiny):
+    encoder = FrozenTextEncoder(tiny)
+    # tiny-digits: 16 tokens = start + context + name + "." + end, so at most 12 slots.
+    assert PromptLearner(encoder, DIGIT_NAMES, 12)().shape == (6, tiny.embed_dim)
+    with pytest.raises(ConfigError, match=r"context length is 16; use n_ctx <= 12"):
+        PromptLearner(encoder, DIGIT_NAMES, 13)
+    with pytest.raises(ConfigError, match=r"use n_ctx <= 10"):
+        PromptLearner(encoder, ("zero", "dining table chair"), 13)
+    with pytest.raises(ConfigError, match="are 4 tokens but n_ctx is 5"):
+        PromptLearner(encoder, DIGIT_NAMES, 5, init_words="a photo of a")
+    with pytest.raises(ConfigError, match="class_position"):
+        PromptLearner(encoder, DIGIT_NAMES, 4, class_position="left")
+
+
+# ------------------------------------------------------------------ the methods
+@pytest.fixture(scope="module")
+def digits_train(digits_root, tiny) -> tuple[TrainData, tuple[str, ...], list[str]]:
+    """1 shot x 6 classes x 3 source domains of the sketch split, 2 augmented views and the
+    clean view, encoded directly (the feature cache would encode the whole benchmark)."""
+    spec = get_dataset_spec("digits")
+    split = load_domain_split("digits", digits_root, "sketch")
+    samples = sample_few_shot(split.train, 1, seed=0)
+    images = [load_image(s.path) for s in samples]
+    torch.manual_seed(0)
+    augment = tiny.train_transform(hflip=False)
+    views = torch.stack(
+        [tiny.encode_images(torch.stack([augment(im) for im in images])) for _ in range(2)], 1
+    )
+    clean = tiny.encode_images(torch.stack([tiny.eval_transform(im) for im in images]))
+    data = TrainData(
+        views=views,
+        clean=clean,
+        labels=torch.as_tensor([s.label for s in samples]),
+        domains=torch.as_tensor([spec.domains.index(s.domain) for s in samples]),
+    )
+    return data, split.classnames, [spec.prompt_template.format(c) for c in split.classnames]
+
+
+def build(name: str, tiny, digits_train, **overrides):
+    data, classnames, prompts = digits_train
+    hp = resolve_hparams(name, overrides)
+    context = MethodContext(
+        classnames=classnames,
+        template="a photo of the number {}.",
+        make_text_encoder=lambda: FrozenTextEncoder(tiny),
+        class_text=tiny.encode_texts(prompts),
+        # OpenAI's temperature rather than the random init's 14: random-init features then
+        # give confident (wrong) logits, and a few epochs visibly reduce the loss.
+        logit_scale=100.0,
+        embed_dim=tiny.embed_dim,
+        train=data,
+        device=torch.device("cpu"),
+    )
+    torch.manual_seed(0)
+    return get_method(name)(context, hp), hp
+
+
+def _full_batch_loss(method, data: TrainData) -> float:
+    method.eval()
+    with torch.no_grad():
+        logits = method.logits(data.clean, data.domains)
+        return float(torch.nn.functional.cross_entropy(logits, data.labels))
+
+
+OWN_PARAMETERS = {
+    "coop": {"prompt_learner.context"},
+    "cocoop": {
+        "prompt_learner.context", "meta_net.0.weight", "meta_net.0.bias",
+        "meta_net.2.weight", "meta_net.2.bias",
+    },
+    "dplclip": {f"mlp.{i}.{kind}" for i in (0, 3, 6) for kind in ("weight", "bias")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OWN_PARAMETERS))
+def test_method_trains_only_its_own_parameters(name, tiny, digits_train):
+    data = digits_train[0]
+    method, hp = build(name, tiny, digits_train, epochs=3, warmup_epochs=0, lr=0.01, batch_size=8)
+    backbone_before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    trainable = {k: v.detach().clone() for k, v in method.named_parameters() if v.requires_grad}
+    assert set(trainable) == OWN_PARAMETERS[name]
+    # No backbone weight was copied into the method.
+    assert all(not key.startswith(("transformer", "visual")) for key in method.state_dict())
+    loss_before = _full_batch_loss(method, data)
+
+    history = train(method, data, hp)
+
+    assert len(history) == 3
+    assert _full_batch_loss(method, data) < 0.9 * loss_before
+    for key, value in method.named_parameters():
+        assert not torch.equal(value, trainable[key]), f"{key} did not train"
+    after = tiny.model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in backbone_before.items())
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+    with torch.no_grad():
+        logits = method.logits(data.clean[:5], data.domains[:5])
+    assert logits.shape == (5, len(digits_train[1]))
+    assert torch.isfinite(logits).all()
+
+
+def test_methods_are_registered_with_their_defaults():
+    for name in ("coop", "cocoop", "dplclip"):
+        assert get_method(name).default_score == "mcm"
+    assert get_method("dplclip").batch_dependent
+    assert not get_method("coop").batch_dependent and not get_method("cocoop").batch_dependent
+    assert resolve_hparams("coop")["n_ctx"] == 4 and resolve_hparams("coop")["lr"] == 0.002
+    assert resolve_hparams("cocoop")["ctx_init"] == "a photo of a"
+
+
+def test_coop_starting_from_the_template_is_zero_shot_clip(tiny, digits_train):
+    method, _ = build("coop", tiny, digits_train, n_ctx=TEMPLATE_TOKENS, ctx_init=TEMPLATE_WORDS)
+    data = digits_train[0]
+    expected = method.clip_logits(data.clean, method.context.class_text)
+    with torch.no_grad():
+        torch.testing.assert_close(method.logits(data.clean), expected, rtol=0, atol=1e-4)
+
+
+def test_cocoop_prompts_are_per_image_and_independent_of_the_batch(tiny, digits_train):
+    method, _ = build("cocoop", tiny, digits_train)
+    method.eval()
+    features = digits_train[0].clean[:4]
+    with torch.no_grad():
+        bias = method.meta_net(torch.nn.functional.normalize(features, dim=-1))
+        prompts = method.prompt_learner(bias)
+        together = method.logits(features)
+        alone = torch.cat([method.logits(features[i : i + 1]) for i in range(4)])
+    assert prompts.shape == (4, len(DIGIT_NAMES), tiny.embed_dim)
+    assert (prompts[0] - prompts[1]).abs().max() > 1e-5
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-4)
+
+
+def test_dplclip_prompts_come_from_the_batch_domain_mean(tiny, digits_train):
+    method, _ = build("dplclip", tiny, digits_train)
+    method.eval()
+    data = digits_train[0]
+    first, second = (
+        torch.nonzero(data.domains == d).flatten()[:4] for d in data.domains.unique()[:2]
+    )
+    features = torch.cat([data.clean[first], data.clean[second]])
+    domains = torch.cat([data.domains[first], data.domains[second]])
+    with torch.no_grad():
+        mixed = method.logits(features, domains)
+        text = method.domain_text(features, domains)
+        # Batch-dependent: the same image scores differently among other images.
+        alone = method.logits(features[:1])
+        among_four = method.logits(features[:4])
+        # Domains given: each domain's rows see only their own domain's mean.
+        first_only = method.logits(features[:4], domains[:4])
+        # No domains (test time): the whole batch is one domain.
+        as_one = method.logits(features)
+        as_one_explicit = method.logits(features, torch.zeros_like(domains))
+    assert (alone[0] - among_four[0]).abs().max() > 1e-5
+    assert (text[0] - text[4]).abs().max() > 1e-5  # different domains, different prompts
+    torch.testing.assert_close(text[0], text[3])  # same domain, same prompts
+    torch.testing.assert_close(mixed[:4], first_only, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(as_one, as_one_explicit)
+    assert (as_one[:4] - mixed[:4]).abs().max() > 1e-5
+
+
+def test_dplclip_context_is_generated_not_learned(tiny, digits_train):
+    method, _ = build("dplclip", tiny, digits_train, n_ctx=6)
+    assert not method.prompt_learner.context.requires_grad
+    assert method.prompt_learner.context.abs().max() == 0
+    assert method.mlp[-1].out_features == 6 * FrozenTextEncoder(tiny).width
+
+
+# ------------------------------------------------------------------ bad hyper-parameters
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("coop", {"n_ctx": 0}, "below its minimum"),
+        ("coop", {"n_ctx": 17}, "above its maximum"),
+        ("coop", {"class_position": "left"}, "must be one of end, middle, front"),
+        ("coop", {"class_specific": "sometimes"}, "must be of type bool"),
+        ("cocoop", {"n_ctx": 2.5}, "must be of type int"),
+        ("cocoop", {"meta_width": 8}, "unknown hyper-parameter"),
+        ("dplclip", {"mlp_depth": 1}, "below its minimum"),
+        ("dplclip", {"mlp_dropout": 1.0}, "above its maximum"),
+        ("dplclip", {"batch_size": 1}, "below its minimum"),
+    ],
+)
+def test_bad_hyper_parameters_are_config_errors(name, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_hparams(name, overrides)
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("coop", {"n_ctx": 16}, "use n_ctx <= 12"),
+        ("dplclip", {"n_ctx": 13}, "use n_ctx <= 12"),
+        ("cocoop", {"n_ctx": 8}, "init words 'a photo of a' are 4 tokens but n_ctx is 8"),
+        ("coop", {"n_ctx": 4, "ctx_init": TEMPLATE_WORDS}, "are 5 tokens but n_ctx is 4"),
+    ],
+)
+def test_contexts_that_cannot_be_built_fail_at_construction(
+    name, overrides, message, tiny, digits_train
+):
+    with pytest.raises(ConfigError, match=message):
+        build(name, tiny, digits_train, **overrides)

@@ -1,0 +1,293 @@
+"""CRoFT (Zhu et al., ICML 2024): identity-initialised image and text adapters trained with
+cross-entropy, a worst-case covariate-shift feature generator, and the energy distribution
+reshaping (EDR) loss, the squared gradient of the un-logged energy with respect to the
+adapters (see shared/docs/METHODS.md, "CRoFT"). Written from the paper's equations.
+
+    x  = n(f + ri * (f @ Wi.T - f))          adapted image feature (= ri*f@Wi.T + (1-ri)*f)
+    t  = n(g + rt * (g @ Wt.T - g))          adapted text feature, g fixed or CoOp prompts
+    L  = s * x @ t.T                         logits
+    xc = n(x @ G + x)                        shifted feature from the generator G
+    Lc = mean_{y_i == y_j} xc_i . x_j        similarity of shifted and same-class ID features
+    E  = sum_{b,k} exp(x_b . t_k)            un-logged energy, unit-norm, no temperature
+                                             (edr_energy="mean": mean over b and k)
+    Le = || dE / d(Wi, Wt) ||^2              EDR, differentiable (double backward); squares
+                                             summed (edr_reduction="sum") or averaged
+    loss = CE(L, y) + shift term + lambda2 * (Le(x) + Le(xc))
+
+Switches, all plain hyper-parameters so a search grid can express the paper's ablations:
+- lambda1 = 0 turns the generator off entirely (no parameter, no loss, no inner steps).
+- lambda1 > 0, gen_steps > 0: worst-case branch. Before every main step G takes
+  ``gen_steps`` SGD steps (its own optimiser, lr ``gen_lr``) on CE(s*xc@t.T) + lambda1*Lc with
+  the adapters frozen; the adapters then see CE(s*xc@t.T) - lambda1*Lc with G frozen, i.e.
+  they learn to keep shifted features close to their class.
+- lambda1 > 0, gen_steps = 0: G is one of the main parameters and everything minimises
+  CE(s*xc@t.T) + lambda1*Lc together.
+- lambda2 = 0 skips the EDR double backward; edr_on_shifted adds Le on the shifted features
+  (only while the generator is on).
+- ratio_image = 0 or ratio_text = 0: that adapter has no effect, so it is a frozen buffer.
+- edr_energy: with the energy summed over the batch, Le grows with (batch * classes)^2 and
+  at lambda2 >= 1 it outweighs the cross-entropy until the features collapse; the mean
+  keeps Le independent of batch size and class count, and is what the reference computes
+  (the mean of E(theta + delta) - E(theta) over the batch-by-class matrix): the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainables.base import HParam, Method, MethodContext
+from trainables.registry import register_method
+from trainables.text import PromptLearner
+
+
+def adapt(raw: torch.Tensor, weight: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Residual adapter ``ratio * raw @ weight.T + (1 - ratio) * raw`` (not normalised).
+
+    Written as ``raw + ratio * (raw @ weight.T - raw)``, the same function, because then an
+    identity ``weight`` returns ``raw`` bit for bit (the difference is exactly zero), so the
+    untrained method reproduces zero-shot CLIP exactly rather than to rounding."""
+    return raw + ratio * (raw @ weight.T - raw)
+
+
+def shift(image: torch.Tensor, generator: torch.Tensor) -> torch.Tensor:
+    """The generator's covariate-shifted feature ``n(x @ G + x)`` of normalised ``x``."""
+    return F.normalize(image @ generator + image, dim=-1)
+
+
+def energy(image: torch.Tensor, text: torch.Tensor, aggregate: str = "sum") -> torch.Tensor:
+    """Un-logged energy ``exp(x . t)`` of unit-norm features, summed (or averaged, with
+    ``aggregate="mean"``) over batch and classes."""
+    values = torch.exp(image @ text.T)
+    return values.mean() if aggregate == "mean" else values.sum()
+
+
+def same_class_similarity(
+    shifted: torch.Tensor, image: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """``Lc``: mean of ``xc_i . x_j`` over the pairs (i, j) with ``y_i == y_j`` (i = j
+    included, so a batch always has pairs)."""
+    same = (labels[:, None] == labels[None, :]).to(shifted.dtype)
+    return (shifted @ image.T * same).sum() / same.sum()
+
+
+def edr_penalty(
+    energy_value: torch.Tensor,
+    theta: Sequence[torch.Tensor],
+    reduction: str = "sum",
+    create_graph: bool = True,
+) -> torch.Tensor:
+    """``|| dE / dtheta ||^2``: squares of the gradient summed (setup II) or averaged over
+    every entry of ``theta`` (setup I).
+
+    The reference perturbs the adapter matrices by an additive ``delta`` (requires grad) and
+    differentiates ``E(theta + delta) - E(theta)`` with respect to ``delta``. By the chain
+    rule d/d(delta) E(theta + delta) = E'(theta + delta) * d(theta + delta)/d(delta) =
+    E'(theta + delta), and ``E(theta)`` does not depend on delta, so at delta = 0 this is
+    exactly dE/dtheta, which autograd gives directly on the matrices; the same holds for
+    the second derivatives the double backward takes. (The reference's delta of 1e-4
+    evaluates the gradient 1e-4 away from theta, a difference of order 1e-4 * Hessian.)
+    ``create_graph=True`` keeps the gradient differentiable, so training reduces it."""
+    grads = torch.autograd.grad(energy_value, list(theta), create_graph=create_graph)
+    total = sum(g.pow(2).sum() for g in grads)
+    if reduction == "mean":
+        total = total / sum(g.numel() for g in grads)
+    return total
+
+
+@register_method
+class CRoFT(Method):
+    name = "croft"
+    default_score = "energy"
+    hparams = {
+        # The reference's training recipe (CoOp/Dassl): SGD, cosine, 1 warm-up epoch.
+        "lr": HParam(0.002, low=0.0, high=10.0, help="peak learning rate"),
+        "optimizer": HParam("sgd", choices=("sgd", "adamw")),
+        "batch_size": HParam(32, low=1, high=65_536),
+        "epochs": HParam(30, low=0, high=10_000),
+        "warmup_epochs": HParam(1, low=0, high=1000),
+        "warmup_lr": HParam(1e-5, low=0.0, high=10.0),
+        "shots": HParam(16, low=0, high=100_000),
+        "ratio_image": HParam(0.2, low=0.0, high=1.0, help="image adapter residual ratio ri"),
+        "ratio_text": HParam(0.5, low=0.0, high=1.0, help="text adapter residual ratio rt"),
+        "n_ctx": HParam(0, low=0, high=16, help="learnable context length; 0 = fixed template"),
+        "ctx_init": HParam("", help="words initialising the context (n_ctx tokens), or ''"),
+        "lambda1": HParam(5.0, low=0.0, high=100.0, help="weight of Lc; 0 = no generator"),
+        "lambda2": HParam(1.0, low=0.0, high=1e4, help="weight of the EDR loss; 0 = no EDR"),
+        "gen_steps": HParam(1, low=0, high=20, help="generator steps per batch; 0 = joint"),
+        "gen_lr": HParam(0.002, low=0.0, high=1.0, help="generator SGD learning rate"),
+        "edr_reduction": HParam("sum", choices=("sum", "mean"), help="sum: setup II, mean: I"),
+        "edr_on_shifted": HParam(True, help="also apply EDR to the shifted features"),
+        # METHODS.md defines E as a sum over batch and classes but quotes the reference as
+        # differentiating mean(E(theta + delta) - E(theta)); the two differ by (B*K)^2 in Le.
+        # "mean" by default: the reference differentiates mean(E(theta+delta) - E(theta)).
+        "edr_energy": HParam("mean", choices=("sum", "mean"), help="E over batch and classes"),
+    }
+
+    def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
+        super().__init__(context, hp)
+        dim = context.embed_dim
+        self.ratio_image = hp["ratio_image"]
+        self.ratio_text = hp["ratio_text"]
+        self.lambda1 = hp["lambda1"]
+        self.lambda2 = hp["lambda2"]
+        self.gen_steps = hp["gen_steps"]
+        self.edr_reduction = hp["edr_reduction"]
+        self.edr_energy = hp["edr_energy"]
+        self.use_generator = self.lambda1 > 0
+        self.worst_case = self.use_generator and self.gen_steps > 0
+        self.edr_on_shifted = self.use_generator and hp["edr_on_shifted"]
+
+        eye = torch.eye(dim, device=context.device)
+        # An adapter whose ratio is 0 cannot change the output: a buffer, so it never trains.
+        self._adapter("image_adapter", eye, trains=self.ratio_image > 0)
+        self._adapter("text_adapter", eye, trains=self.ratio_text > 0)
+        self.generator = nn.Parameter(eye.clone()) if self.use_generator else None
+        self._generator_optimizer: torch.optim.Optimizer | None = None
+
+        self.prompt_learner: PromptLearner | None = None
+        if hp["n_ctx"] > 0:
+            self.prompt_learner = PromptLearner(
+                context.text_encoder, context.classnames, hp["n_ctx"], init_words=hp["ctx_init"]
+            )
+        self.register_buffer("class_text", context.class_text.detach().clone(), persistent=False)
+
+    def _adapter(self, name: str, init: torch.Tensor, trains: bool) -> None:
+        if trains:
+            self.register_parameter(name, nn.Parameter(init.clone()))
+        else:
+            self.register_buffer(name, init.clone())
+
+    # -- features -----------------------------------------------------------------------
+    def adapter_parameters(self) -> list[torch.Tensor]:
+        """The trained adapter matrices, the ``theta`` of the EDR loss."""
+        return [w for w in (self.image_adapter, self.text_adapter) if w.requires_grad]
+
+    def raw_text(self) -> torch.Tensor:
+        """Text features before the adapter: the template's, or the learned prompts'."""
+        return self.class_text if self.prompt_learner is None else self.prompt_learner()
+
+    def image_features(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(adapt(features, self.image_adapter, self.ratio_image), dim=-1)
+
+    def text_features(self) -> torch.Tensor:
+        return F.normalize(adapt(self.raw_text(), self.text_adapter, self.ratio_text), dim=-1)
+
+    def logits(self, features: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logit_scale * self.image_features(features) @ self.text_features().T
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        return self.image_features(features)
+
+    # -- training -------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        # In the worst-case branch the generator has its own optimiser (before_step).
+        return [
+            p
+            for p in self.parameters()
+            if p.requires_grad and not (self.worst_case and p is self.generator)
+        ]
+
+    def setup(self) -> None:
+        if self.worst_case:
+            self._generator_optimizer = torch.optim.SGD([self.generator], lr=self.hp["gen_lr"])
+
+    def before_step(
+        self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
+    ) -> None:
+        """The generator's inner steps: keep the class, move away from same-class ID
+        features (CE(s*xc@t.T) + lambda1*Lc), with the adapters frozen."""
+        if not self.worst_case or self._generator_optimizer is None:
+            return
+        with torch.no_grad():
+            image = self.image_features(features)
+            text = self.text_features()
+        with torch.enable_grad():
+            for _ in range(self.gen_steps):
+                shifted = shift(image, self.generator)
+                loss = F.cross_entropy(
+                    self.logit_scale * shifted @ text.T, labels
+                ) + self.lambda1 * same_class_similarity(shifted, image, labels)
+                self._generator_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self._generator_optimizer.step()
+
+    def _objective(
+        self, features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(logits, weighted regularisers) from one pass over the adapters, so the text
+        side (the text encoder when n_ctx > 0) runs once per step."""
+        image = self.image_features(features)
+        text = self.text_features()
+        logits = self.logit_scale * image @ text.T
+        terms: dict[str, torch.Tensor] = {}
+        shifted = None
+        if self.use_generator:
+            # Worst case: the adapters play against a fixed G; joint: G trains here too.
+            generator = self.generator.detach() if self.worst_case else self.generator
+            shifted = shift(image, generator)
+            similarity = same_class_similarity(shifted, image, labels)
+            sign = -1.0 if self.worst_case else 1.0
+            shifted_ce = F.cross_entropy(self.logit_scale * shifted @ text.T, labels)
+            terms["shift"] = shifted_ce + sign * self.lambda1 * similarity
+        theta = self.adapter_parameters()
+        if self.lambda2 > 0 and theta:
+            penalty = self._edr(image, text, theta)
+            if self.edr_on_shifted and shifted is not None:
+                penalty = penalty + self._edr(shifted, text, theta)
+            terms["edr"] = self.lambda2 * penalty
+        return logits, terms
+
+    def _edr(
+        self, image: torch.Tensor, text: torch.Tensor, theta: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        return edr_penalty(energy(image, text, self.edr_energy), theta, self.edr_reduction)
+
+    def extra_losses(
+        self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        return self._objective(features, labels)[1]
+
+    def training_loss(
+        self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        # Same value as the base class's CE(logits) + sum(extra_losses), computed in one pass.
+        logits, terms = self._objective(features, labels)
+        loss = F.cross_entropy(logits, labels)
+        parts = {"ce": float(loss.detach())}
+        for key, value in terms.items():
+            loss = loss + value
+            parts[key] = float(value.detach())
+        return loss, parts
+
+
+def energy_gradient_norm(
+    method: CRoFT,
+    features: torch.Tensor,
+    reduction: str = "sum",
+    aggregate: str | None = None,
+) -> float:
+    """``|| dE / dtheta ||^2`` on ``features`` (raw image features [N, d], one energy over
+    all of them, aggregated as the method's ``edr_energy`` unless ``aggregate`` says) for the
+    method's current adapters, theta being the adapters it trains (as in its EDR loss); the
+    prompts stay fixed. 0.0 when no adapter trains."""
+    aggregate = aggregate or method.edr_energy
+    trained = [w.requires_grad for w in (method.image_adapter, method.text_adapter)]
+    if not any(trained):
+        return 0.0
+    with torch.enable_grad():
+        image_adapter, text_adapter = (
+            w.detach().clone().requires_grad_(grad)
+            for w, grad in zip((method.image_adapter, method.text_adapter), trained, strict=True)
+        )
+        with torch.no_grad():
+            raw_text = method.raw_text()
+        image = F.normalize(adapt(features, image_adapter, method.ratio_image), dim=-1)
+        text = F.normalize(adapt(raw_text, text_adapter, method.ratio_text), dim=-1)
+        theta = [w for w in (image_adapter, text_adapter) if w.requires_grad]
+        value = edr_penalty(energy(image, text, aggregate), theta, reduction, create_graph=False)
+    return float(value)
