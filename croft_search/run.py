@@ -1,0 +1,103 @@
+"""`python -m croft_search.run`: run (or resume) a hyper-parameter or ablation search.
+
+Without --space it runs the embedded default space (CRoFT on the digits benchmark with the
+tiny CLIP); --space takes a shipped space name or a path to a YAML file."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from croft_search.errors import exit_on_user_error
+from croft_search.search import SearchOptions, run_search
+from croft_search.spaces import load_space, space_names
+from croft_search.train import parse_assignments
+
+DEFAULT_SPACE = "croft_digits"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m croft_search.run", description=__doc__)
+    parser.add_argument(
+        "--space",
+        default=DEFAULT_SPACE,
+        help=f"space name ({', '.join(space_names())}) or YAML path",
+    )
+    parser.add_argument("--num-samples", type=int, default=None)
+    parser.add_argument("--max-concurrent", type=int, default=None)
+    parser.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="fractional GPUs per trial (default 0.25 with CUDA, else 0)",
+    )
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0)
+    parser.add_argument("--address", default=None, help="join an existing Ray cluster")
+    parser.add_argument("--storage", default="runs", help="results root (default ./runs)")
+    parser.add_argument("--name", default=None, help="search name (default: a timestamp)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
+    parser.add_argument("--selection", default="val", choices=("val", "oracle"))
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fix a value of the space, repeatable",
+    )
+    return parser
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    space = load_space(args.space)
+    options = SearchOptions(
+        storage=Path(args.storage),
+        name=args.name,
+        resume=args.resume,
+        num_samples=args.num_samples,
+        max_concurrent=args.max_concurrent,
+        gpus_per_trial=args.gpus_per_trial,
+        cpus_per_trial=args.cpus_per_trial,
+        address=args.address,
+        tracking_uri=args.tracking_uri,
+        selection=args.selection,
+        data_root=args.data_root,
+        cache_dir=args.cache_dir,
+        seed=args.seed,
+        overrides=parse_assignments(args.set),
+    )
+    outcome = run_search(space, options)
+    print(f"\n{outcome.trials} trials finished ({outcome.failed} failed) in {outcome.folder}")
+    label = "best trial by validation" if len(outcome.best) <= 1 else "validation Pareto set"
+    print(f"{label}:")
+    for row in outcome.best:
+        config = {
+            k[7:]: v
+            for k, v in row.items()
+            if k.startswith("config/")
+            and k[7:] not in ("dataset", "backbone", "pretrained", "selection")
+        }
+        val = ", ".join(f"{k} {row[k]:.3f}" for k in ("val_acc", "val_auroc") if k in row)
+        test = ", ".join(
+            f"{k} {row[k]:.3f}"
+            for k in ("test_acc", "test_auroc", "test_fpr95")
+            if row.get(k) is not None
+        )
+        print(f"  {row.get('method')} {config}\n    validation: {val}\n    test: {test}")
+    print(f"results: {outcome.folder / 'trials.parquet'}")
+    print(
+        f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id}); "
+        "browse with `mlflow ui` in this folder"
+    )
+    print(f"report: python analysis/pareto.py {outcome.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""The search driver: Optuna (through Ray Tune's OptunaSearch) proposes configurations of a
+search space, Ray Tune runs them as trials on fractional GPUs or CPUs (locally or on a
+cluster), ASHA stops weak trials early where the space asks for it, and the driver records
+every finished trial in `trials.parquet` and MLflow.
+
+Features are loaded (or encoded) once in the driver and shipped to every trial through Ray's
+object store, so workers on other nodes need neither the images nor the cache.
+
+Folder of a search: ``STORAGE/<space>/<name>/`` holds Ray Tune's experiment state (for
+``--resume``), ``trials.parquet``, ``optuna.db`` (the Optuna study, for optuna-dashboard) and
+``search.json`` (what the search is and where its MLflow parent run lives).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from croft_search.errors import ConfigError, CroftError
+from croft_search.results import TrialTable
+from croft_search.spaces import SearchSpace
+from croft_search.tracking import SearchTracker
+from trainables.trial import TrialResources, run_trial
+
+SEARCH_FILE = "search.json"
+OPTUNA_FILE = "optuna.db"
+
+
+@dataclass
+class SearchOptions:
+    """How to run a search (not what to search: that is the space)."""
+
+    storage: Path = Path("runs")
+    name: str | None = None
+    resume: bool = False
+    num_samples: int | None = None
+    max_concurrent: int | None = None
+    gpus_per_trial: float | None = None  # None: 0.25 where CUDA is present, else 0
+    cpus_per_trial: float = 1.0
+    address: str | None = None
+    tracking_uri: str | None = None
+    selection: str = "val"
+    data_root: str | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    verbose: int = 1
+
+
+@dataclass
+class SearchOutcome:
+    folder: Path
+    trials: int
+    failed: int
+    best: list[dict[str, Any]]
+    tracking_uri: str
+    parent_run_id: str
+
+
+# --------------------------------------------------------------------------- the trial side
+class TrialFailed(RuntimeError):
+    """A trial's own error, reduced to one line for the results table."""
+
+
+def trial_function(
+    config: dict[str, Any], resources: TrialResources, device: str, threads: int
+) -> None:
+    """What a Ray worker runs for one trial: report validation metrics after every epoch
+    (for ASHA and MLflow), then the final validation and test metrics."""
+    from ray import tune
+
+    torch.set_num_threads(threads)
+    node = socket.gethostname() + ":" + str(os.getpid())
+    if device != "cpu":
+        resources.backbone.model.to(device)
+
+    def report(row: dict[str, float]) -> bool:
+        tune.report({**row, "final": 0, "node": node})
+        return False
+
+    runs = SearchSpace.run_configs(config)
+    try:
+        if len(runs) == 1:
+            result = run_trial({**runs[0], "device": device}, resources, report=report)
+        else:
+            # Several seeds per trial: their mean is the trial's result (no per-epoch reports,
+            # so ASHA sees only the final one).
+            results = [run_trial({**run, "device": device}, resources) for run in runs]
+            result = _mean_result(results)
+    except Exception as err:  # noqa: BLE001 - every trial error is recorded, the search goes on
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise TrialFailed(f"{type(err).__name__}: {message}") from None
+    tune.report({**result, "final": 1, "node": node})
+
+
+def _mean_result(results: list[dict[str, Any]]) -> dict[str, Any]:
+    merged = dict(results[0])
+    for key, value in results[0].items():
+        if isinstance(value, float):
+            merged[key] = sum(r[key] for r in results) / len(results)
+    return merged
+
+
+# --------------------------------------------------------------------------- the driver side
+@dataclass(frozen=True)
+class Suggest:
+    """Optuna's define-by-run space; a module-level class so Ray can pickle the searcher
+    into the experiment state (a lambda cannot be pickled)."""
+
+    space: SearchSpace
+    selection: str
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        return self.space.suggest(trial) | {"selection": self.selection}
+
+
+def _driver_callback_class():
+    from ray import tune
+
+    class SearchRecorder(tune.Callback):
+        """Writes every trial to MLflow and trials.parquet, from the driver only. Holds only
+        plain settings so Ray can pickle it into the experiment state; opens its client and
+        table in setup(), which also runs after a resume."""
+
+        def __init__(self, folder: Path, space_name: str, search_name: str, total: int) -> None:
+            self.folder = Path(folder)
+            self.space_name = space_name
+            self.search_name = search_name
+            self.total = total
+
+        def setup(self, **info: Any) -> None:
+            meta = json.loads((self.folder / SEARCH_FILE).read_text())
+            self.tracker = SearchTracker(meta["tracking_uri"], self.space_name)
+            self.tracker.start_parent(self.search_name, {}, "", meta["mlflow_parent_run_id"])
+            self.table = TrialTable(self.folder, self.search_name, self.space_name)
+            self.started: dict[str, float] = {}
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {k: self.__dict__[k] for k in ("folder", "space_name", "search_name", "total")}
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
+            self.started[trial.trial_id] = time.time()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:  # noqa: ANN001
+            if not result.get("final"):
+                self.tracker.log_epoch(trial.trial_id, trial.config, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
+            result = trial.last_result or {}
+            status = "ok" if result.get("final") else "stopped"
+            self._record(trial, result, status, "")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
+            self._record(trial, trial.last_result or {}, "failed", _error_line(trial))
+
+        def _record(self, trial, result: dict, status: str, error: str) -> None:  # noqa: ANN001
+            if trial.trial_id in self.table.trial_ids:
+                return
+            metrics = {k: v for k, v in result.items() if _is_metric(k)}
+            run_id = self.tracker.finish_trial(trial.trial_id, trial.config, metrics, status, error)
+            wall = time.time() - self.started.get(trial.trial_id, time.time())
+            self.table.add(
+                trial.trial_id,
+                trial.config,
+                metrics,
+                status,
+                error,
+                node=str(result.get("node", "")),
+                wall_seconds=wall,
+                mlflow_run_id=run_id,
+            )
+            shown = ", ".join(
+                f"{k} {metrics[k]:.3f}"
+                for k in ("objective", "val_acc", "val_auroc", "test_acc")
+                if k in metrics
+            )
+            print(
+                f"[{len(self.table)}/{self.total}] trial {trial.trial_id} "
+                f"{trial.config.get('method')} {status}: {shown or error}",
+                flush=True,
+            )
+
+    return SearchRecorder
+
+
+def _is_metric(key: str) -> bool:
+    return (
+        key.startswith(("val_", "test_", "objective", "train_seconds", "epochs_run"))
+        or ("/" in key and not key.startswith("config/"))
+        or key in ("selection", "score")
+    )
+
+
+def _error_line(trial) -> str:  # noqa: ANN001
+    try:
+        error = trial.get_pickled_error()
+    except Exception:  # noqa: BLE001
+        error = None
+    cause = getattr(error, "cause", None) or error
+    text = str(cause) if cause is not None else "trial failed (see Ray's error file)"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else text
+
+
+def _search_folder(space: SearchSpace, options: SearchOptions) -> tuple[Path, str]:
+    base = (Path(options.storage) / space.name).resolve()
+    name = options.name
+    if options.resume and name is None:
+        candidates = sorted(
+            (p for p in base.glob("*") if (p / SEARCH_FILE).exists()),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not candidates:
+            raise ConfigError(f"nothing to resume: no search of space {space.name} in {base}")
+        name = candidates[-1].name
+    name = name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = base / name
+    exists = (folder / SEARCH_FILE).exists()
+    if options.resume and not exists:
+        raise ConfigError(f"nothing to resume at {folder}: no {SEARCH_FILE} there")
+    if not options.resume and exists:
+        raise ConfigError(f"search {folder} exists; pass --resume to continue it or another --name")
+    return folder, name
+
+
+def _gpus_per_trial(options: SearchOptions) -> float:
+    if options.gpus_per_trial is not None:
+        if options.gpus_per_trial < 0:
+            raise ConfigError(f"--gpus-per-trial must be >= 0, got {options.gpus_per_trial}")
+        return options.gpus_per_trial
+    return 0.25 if torch.cuda.is_available() else 0.0
+
+
+def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
+    """Run (or resume) a search of ``space``; returns where it wrote and the best trials."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    space = space.with_overrides(num_samples=options.num_samples, fixed_overrides=options.overrides)
+    folder, name = _search_folder(space, options)
+    gpus = _gpus_per_trial(options)
+    if options.cpus_per_trial <= 0:
+        raise ConfigError(f"--cpus-per-trial must be > 0, got {options.cpus_per_trial}")
+    if options.max_concurrent is not None and options.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {options.max_concurrent}")
+    device = "cuda" if gpus > 0 else "cpu"
+
+    # Loading features first: a missing dataset or backbone fails here, before Ray starts.
+    resources = TrialResources.load(
+        space.dataset,
+        space.target_domain_list(),
+        backbone=space.backbone,
+        pretrained=space.pretrained,
+        views=int(space.setting("views")),
+        view_seed=int(space.setting("view_seed")),
+        root=options.data_root,
+        cache_dir=options.cache_dir,
+        progress=True,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if not options.resume:
+        tracker = SearchTracker(options.tracking_uri, space.name)
+        parent = tracker.start_parent(
+            name,
+            {
+                "space": space.name,
+                "num_samples": space.num_samples,
+                "sampler": space.sampler,
+                "selection": options.selection,
+                "gpus_per_trial": gpus,
+                "cpus_per_trial": options.cpus_per_trial,
+            },
+            space.to_yaml(),
+            None,
+        )
+        (folder / SEARCH_FILE).write_text(
+            json.dumps(
+                {
+                    "space": space.name,
+                    "name": name,
+                    "tracking_uri": tracker.tracking_uri,
+                    "mlflow_parent_run_id": parent,
+                    "created": dt.datetime.now().isoformat(),
+                    "selection": options.selection,
+                },
+                indent=2,
+            )
+        )
+        (folder / "space.yaml").write_text(space.to_yaml())
+    meta = json.loads((folder / SEARCH_FILE).read_text())
+
+    ray.init(
+        address=options.address,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=True,
+        logging_level="ERROR",
+        ignore_reinit_error=True,
+    )
+    threads = max(1, int(options.cpus_per_trial))
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_function, resources=resources, device=device, threads=threads),
+        {"cpu": options.cpus_per_trial, "gpu": gpus},
+    )
+    recorder = _driver_callback_class()(folder, space.name, name, space.num_samples)
+    try:
+        if options.resume:
+            tuner = tune.Tuner.restore(
+                str(folder), trainable, resume_unfinished=True, resume_errored=False
+            )
+        else:
+            metrics, modes = space.metric_names(), space.modes()
+            searcher = OptunaSearch(
+                space=Suggest(space, options.selection),
+                metric=metrics if len(metrics) > 1 else metrics[0],
+                mode=modes if len(modes) > 1 else modes[0],
+                sampler=space.make_sampler(options.seed),
+                study_name=name,
+                storage=optuna.storages.RDBStorage(f"sqlite:///{folder / OPTUNA_FILE}"),
+            )
+            if options.max_concurrent:
+                searcher = ConcurrencyLimiter(searcher, max_concurrent=options.max_concurrent)
+            scheduler = FIFOScheduler()
+            if space.scheduler:
+                # One report per epoch, then the final one: max_t counts that extra step so
+                # ASHA never stops a trial before its test metrics are reported.
+                asha = dict(space.scheduler)
+                asha["max_t"] = int(asha.get("max_t", space.max_epochs())) + 1
+                scheduler = ASHAScheduler(
+                    time_attr="training_iteration", metric="objective", mode="max", **asha
+                )
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, scheduler=scheduler, num_samples=space.num_samples
+                ),
+                run_config=tune.RunConfig(
+                    name=name,
+                    storage_path=str(folder.parent),
+                    callbacks=[recorder],
+                    verbose=options.verbose,
+                    failure_config=tune.FailureConfig(max_failures=0),
+                ),
+            )
+        tuner.fit()
+    finally:
+        ray.shutdown()
+
+    table = TrialTable(folder, name, space.name)
+    frame = table.frame()
+    ok = frame[frame["status"] == "ok"] if len(frame) else frame
+    best = _best_rows(ok, space)
+    tracker = SearchTracker(meta["tracking_uri"], space.name)
+    tracker.start_parent(name, {}, "", meta["mlflow_parent_run_id"])
+    summary = {
+        "trials": len(frame),
+        "failed": int((frame.get("status") == "failed").sum()) if len(frame) else 0,
+        "best": best,
+    }
+    tracker.finish_parent(summary)
+    return SearchOutcome(
+        folder,
+        len(frame),
+        summary["failed"],
+        best,
+        meta["tracking_uri"],
+        meta["mlflow_parent_run_id"],
+    )
+
+
+def _best_rows(ok, space: SearchSpace) -> list[dict[str, Any]]:  # noqa: ANN001
+    """The best trial by validation (joint objective), or the validation Pareto set."""
+    if not len(ok):
+        return []
+    metrics, modes = space.metric_names(), space.modes()
+    if len(metrics) == 1:
+        chosen = ok.sort_values(metrics[0], ascending=modes[0] == "min").head(1)
+    else:
+        from analysis.fronts import pareto_ranks
+
+        ranks = pareto_ranks(ok[metrics].to_numpy(), maximize=[m == "max" for m in modes])
+        chosen = ok[ranks == 0]
+    keep = [
+        c
+        for c in chosen.columns
+        if c.startswith(("config/", "val_", "test_")) or c in ("trial_id", "method", "objective")
+    ]
+    return [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        for row in chosen[keep].to_dict("records")
+    ]
+
+
+__all__ = ["SearchOptions", "SearchOutcome", "run_search", "CroftError"]

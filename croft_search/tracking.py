@@ -1,0 +1,149 @@
+"""MLflow logging of a search, from the driver only: one experiment per space, one parent run
+per search (the resolved space and the final summary as artifacts), one child run per trial
+(its config as params, per-epoch validation metrics, final validation and test metrics).
+
+Everything goes through one `MlflowClient` in the driver process, so there are never
+concurrent writers (SQLite stores included), and no global "active run" state is touched.
+A resumed search re-attaches to its parent run and to the child runs it already made.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from croft_search.errors import ConfigError
+
+TRIAL_TAG = "croft.trial_id"
+SEARCH_TAG = "croft.search"
+# MLflow caps a param value at 6000 characters; configs never come close, but be safe.
+MAX_PARAM_LENGTH = 6000
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class SearchTracker:
+    """Parent run of one search and the child runs of its trials."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str) -> None:
+        try:
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = (
+                found.experiment_id if found else self.client.create_experiment(experiment)
+            )
+        except Exception as err:  # noqa: BLE001 - any backend failure is the user's URI
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise ConfigError(
+                f"cannot use MLflow tracking URI {tracking_uri or '(default)'}: {first_line}"
+            ) from None
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.parent_run_id: str | None = None
+        self._children: dict[str, str] = {}
+        self._steps: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ parent
+    def start_parent(
+        self, search_name: str, params: Mapping[str, Any], space_yaml: str, resume_id: str | None
+    ) -> str:
+        if resume_id:
+            self.parent_run_id = resume_id
+            self.client.update_run(resume_id, status="RUNNING")
+            for child in self.client.search_runs(
+                [self.experiment_id], f"tags.`mlflow.parentRunId` = '{resume_id}'"
+            ):
+                trial_id = child.data.tags.get(TRIAL_TAG)
+                if trial_id:
+                    self._children[trial_id] = child.info.run_id
+            return resume_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=search_name, tags={SEARCH_TAG: search_name}
+        )
+        self.parent_run_id = run.info.run_id
+        self.client.log_batch(
+            self.parent_run_id,
+            params=[Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()],
+        )
+        self.log_text(self.parent_run_id, space_yaml, "space.yaml")
+        return self.parent_run_id
+
+    def finish_parent(self, summary: Mapping[str, Any], failed: bool = False) -> None:
+        if self.parent_run_id is None:
+            return
+        self.log_text(
+            self.parent_run_id, json.dumps(summary, indent=2, default=str), "summary.json"
+        )
+        self.client.set_terminated(self.parent_run_id, "FAILED" if failed else "FINISHED")
+
+    # ------------------------------------------------------------------ trials
+    def has_child(self, trial_id: str) -> bool:
+        return trial_id in self._children
+
+    def child(self, trial_id: str, config: Mapping[str, Any]) -> str:
+        """The child run of ``trial_id``, created with its config as params on first use."""
+        if trial_id not in self._children:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"{config.get('method', 'trial')}-{trial_id}",
+                tags={
+                    "mlflow.parentRunId": self.parent_run_id or "",
+                    TRIAL_TAG: trial_id,
+                    "method": str(config.get("method", "")),
+                },
+            )
+            params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(config.items())]
+            self.client.log_batch(run.info.run_id, params=params)
+            self._children[trial_id] = run.info.run_id
+        return self._children[trial_id]
+
+    def log_epoch(
+        self, trial_id: str, config: Mapping[str, Any], metrics: Mapping[str, Any]
+    ) -> None:
+        run_id = self.child(trial_id, config)
+        step = int(metrics.get("epoch", self._steps.get(trial_id, 0)))
+        self._steps[trial_id] = step + 1
+        now = int(time.time() * 1000)
+        values = [Metric(f"epoch_{k}", v, now, step) for k, v in _numeric(metrics).items()
+                  if k.startswith("val_") or k in ("objective", "lr", "ce")]  # fmt: skip
+        if values:
+            self.client.log_batch(run_id, metrics=values)
+
+    def finish_trial(
+        self,
+        trial_id: str,
+        config: Mapping[str, Any],
+        metrics: Mapping[str, Any],
+        status: str,
+        error: str = "",
+    ) -> str:
+        run_id = self.child(trial_id, config)
+        now = int(time.time() * 1000)
+        values = [Metric(k, v, now, 0) for k, v in _numeric(metrics).items()]
+        tags = [RunTag("status", status)] + ([RunTag("error", error[:5000])] if error else [])
+        self.client.log_batch(run_id, metrics=values, tags=tags)
+        self.client.set_terminated(run_id, "FINISHED" if status == "ok" else "FAILED")
+        return run_id
+
+    # ------------------------------------------------------------------ helpers
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(text)
+            self.client.log_artifact(run_id, str(path))
