@@ -40,6 +40,8 @@ EMBEDDED_CONFIG: Path = PACKAGE_DIR / "model_configs" / f"{EMBEDDED_BACKBONE}.js
 EMBEDDED_WEIGHTS: Path = PACKAGE_DIR / "weights" / f"{EMBEDDED_BACKBONE}.safetensors"
 
 DEFAULT_PRETRAINED = "default"
+# Explicit opt-in to untrained weights from the command line (where None cannot be written).
+RANDOM_PRETRAINED = "random"
 # The tag `pretrained="default"` resolves to for real models.
 DEFAULT_REAL_TAG = "openai"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
@@ -152,13 +154,14 @@ def load_backbone(
 
     `pretrained`: "default" (the shipped checkpoint for `tiny-digits`, the "openai" tag for
     real models that have one), a pretrained tag (downloaded into the model cache), a local
-    checkpoint file (.pt/.pth/.bin/.safetensors), or None for a seeded random init (tests).
+    checkpoint file (.pt/.pth/.bin/.safetensors), or None / "random" for a seeded random init
+    (tests and smoke runs of the pipeline; such a model has no zero-shot ability).
     Raises BackboneError with a one-line explanation for every user-caused failure.
     """
     name = _check_model_name(name)
     target_device = _check_device(device)
 
-    if pretrained is None:
+    if pretrained is None or pretrained == RANDOM_PRETRAINED:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model, eval_transform = _create(name, None, target_device)

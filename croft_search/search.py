@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -28,11 +27,11 @@ import torch
 from croft_search.errors import ConfigError, CroftError
 from croft_search.results import TrialTable
 from croft_search.spaces import SearchSpace
+from croft_search.study import StudyMirror
 from croft_search.tracking import SearchTracker
 from trainables.trial import TrialResources, run_trial
 
 SEARCH_FILE = "search.json"
-OPTUNA_FILE = "optuna.db"
 
 
 @dataclass
@@ -76,10 +75,12 @@ def trial_function(
 ) -> None:
     """What a Ray worker runs for one trial: report validation metrics after every epoch
     (for ASHA and MLflow), then the final validation and test metrics."""
+    import ray
     from ray import tune
 
     torch.set_num_threads(threads)
-    node = socket.gethostname() + ":" + str(os.getpid())
+    # Host name alone cannot tell two Ray nodes on one machine apart; the node id can.
+    node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
     if device != "cpu":
         resources.backbone.model.to(device)
 
@@ -131,21 +132,24 @@ def _driver_callback_class():
         plain settings so Ray can pickle it into the experiment state; opens its client and
         table in setup(), which also runs after a resume."""
 
-        def __init__(self, folder: Path, space_name: str, search_name: str, total: int) -> None:
+        def __init__(self, folder: Path, space: SearchSpace, search_name: str) -> None:
             self.folder = Path(folder)
-            self.space_name = space_name
+            self.space = space
+            self.space_name = space.name
             self.search_name = search_name
-            self.total = total
+            self.total = space.num_samples
 
         def setup(self, **info: Any) -> None:
             meta = json.loads((self.folder / SEARCH_FILE).read_text())
             self.tracker = SearchTracker(meta["tracking_uri"], self.space_name)
             self.tracker.start_parent(self.search_name, {}, "", meta["mlflow_parent_run_id"])
             self.table = TrialTable(self.folder, self.search_name, self.space_name)
+            self.study = StudyMirror(self.folder, self.search_name, self.space)
             self.started: dict[str, float] = {}
 
         def __getstate__(self) -> dict[str, Any]:
-            return {k: self.__dict__[k] for k in ("folder", "space_name", "search_name", "total")}
+            keep = ("folder", "space", "space_name", "search_name", "total")
+            return {k: self.__dict__[k] for k in keep}
 
         def on_trial_start(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
             self.started[trial.trial_id] = time.time()
@@ -168,6 +172,7 @@ def _driver_callback_class():
             metrics = {k: v for k, v in result.items() if _is_metric(k)}
             run_id = self.tracker.finish_trial(trial.trial_id, trial.config, metrics, status, error)
             wall = time.time() - self.started.get(trial.trial_id, time.time())
+            self.study.add(trial.trial_id, trial.config, metrics, status)
             self.table.add(
                 trial.trial_id,
                 trial.config,
@@ -201,14 +206,21 @@ def _is_metric(key: str) -> bool:
 
 
 def _error_line(trial) -> str:  # noqa: ANN001
+    """The trial's own one-line error (TrialFailed's message) from Ray's error file."""
+    text = ""
     try:
-        error = trial.get_pickled_error()
-    except Exception:  # noqa: BLE001
-        error = None
-    cause = getattr(error, "cause", None) or error
-    text = str(cause) if cause is not None else "trial failed (see Ray's error file)"
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else text
+        if trial.error_file and Path(trial.error_file).exists():
+            text = Path(trial.error_file).read_text()
+        else:
+            text = str(trial.get_pickled_error() or "")
+    except Exception:  # noqa: BLE001 - a missing error file must not break the search
+        text = ""
+    marker = f"{TrialFailed.__name__}: "
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if marker in line:
+            return line.split(marker, 1)[1]
+    return lines[-1] if lines else "trial failed (see Ray's error file)"
 
 
 def _search_folder(space: SearchSpace, options: SearchOptions) -> tuple[Path, str]:
@@ -242,7 +254,6 @@ def _gpus_per_trial(options: SearchOptions) -> float:
 
 def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
     """Run (or resume) a search of ``space``; returns where it wrote and the best trials."""
-    import optuna
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -316,7 +327,7 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         tune.with_parameters(trial_function, resources=resources, device=device, threads=threads),
         {"cpu": options.cpus_per_trial, "gpu": gpus},
     )
-    recorder = _driver_callback_class()(folder, space.name, name, space.num_samples)
+    recorder = _driver_callback_class()(folder, space, name)
     try:
         if options.resume:
             tuner = tune.Tuner.restore(
@@ -330,7 +341,6 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
                 mode=modes if len(modes) > 1 else modes[0],
                 sampler=space.make_sampler(options.seed),
                 study_name=name,
-                storage=optuna.storages.RDBStorage(f"sqlite:///{folder / OPTUNA_FILE}"),
             )
             if options.max_concurrent:
                 searcher = ConcurrencyLimiter(searcher, max_concurrent=options.max_concurrent)

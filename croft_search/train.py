@@ -16,8 +16,18 @@ from croft_search.errors import ConfigError, exit_on_user_error
 from trainables.registry import hparam_specs, method_names
 from trainables.trial import TRIAL_SETTINGS, run_trial
 
-SHOWN = ("val_acc", "val_auroc", "val_fpr95", "test_acc", "test_auroc", "test_fpr95",
-         "test_aupr_in", "test_aupr_out", "objective", "train_seconds")  # fmt: skip
+SHOWN = (
+    "val_acc",
+    "val_auroc",
+    "val_fpr95",
+    "test_acc",
+    "test_auroc",
+    "test_fpr95",
+    "test_aupr_in",
+    "test_aupr_out",
+    "objective",
+    "train_seconds",
+)
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
@@ -48,8 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="hyper-parameter override, repeatable")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hyper-parameter override, repeatable",
+    )
     parser.add_argument("--list-hparams", action="store_true", help="print them and exit")
     parser.add_argument("--json", default=None, help="write the metrics to this JSON file")
     return parser
@@ -81,8 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if clash:
         raise ConfigError(f"set {', '.join(clash)} with its own flag, not --set")
     result = run_trial(config | overrides)
-    print(f"{args.method} on {args.dataset}, target {result['target_domains']}, "
-          f"selection {result['selection']}, score {result['score']}")  # fmt: skip
+    print(
+        f"{args.method} on {args.dataset}, target {result['target_domains']}, "
+        f"selection {result['selection']}, score {result['score']}"
+    )
     for key in SHOWN:
         print(f"  {key:<14} {result[key]:.4f}")
     if args.json:

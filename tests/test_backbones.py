@@ -84,6 +84,8 @@ def test_random_init_is_reproducible_and_leaves_global_rng_alone(tiny: Backbone)
     assert torch.rand(1) == expected_next
     assert again.identity == tiny.identity
     assert again.identity.startswith("tiny-digits@") and len(again.identity.split("@")[1]) == 16
+    # "random" is how a command line asks for the same untrained weights
+    assert load_backbone("tiny-digits", pretrained="random").identity == tiny.identity
 
 
 def test_tokenizer_respects_context_length_16(tiny: Backbone) -> None:

@@ -1,0 +1,276 @@
+"""End-to-end searches on the embedded digits data with a random-init tiny CLIP: results
+table, MLflow parent/child runs, failed-trial isolation, resume after SIGKILL, and a local
+two-node Ray cluster. Slow (Ray start-up), so marked; CI runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from croft_search.backbones import load_backbone
+from croft_search.run import main as run_main
+from croft_search.search import SearchOptions, run_search
+from croft_search.spaces import load_space
+
+pytestmark = pytest.mark.slow
+# The ray CLI of the interpreter running the tests (the venv may not be on PATH).
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "random-tiny.pt"
+    torch.save(load_backbone("tiny-digits", pretrained=None).model.state_dict(), path)
+    return path
+
+
+def write_space(folder: Path, name: str, weights: Path, body: str) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        f"description: test space\ndataset: digits\nbackbone: tiny-digits\n"
+        f"pretrained: {weights}\ntarget_domains: [sketch]\n" + body
+    )
+    return path
+
+
+CROFT_BODY = """method: croft
+fixed: {epochs: 2, shots: 2, views: 2}
+search:
+  lambda2: {loguniform: [0.1, 10]}
+objective: {joint: 0.5}
+sampler: random
+scheduler: none
+num_samples: 3
+"""
+
+
+def children(tracking_uri: str, experiment: str, parent: str):
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    return client, runs
+
+
+def test_search_writes_parquet_and_mlflow_parent_child(tmp_path, weights, digits_root):
+    space = load_space(str(write_space(tmp_path, "croft_tiny", weights, CROFT_BODY)))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    outcome = run_search(
+        space,
+        SearchOptions(
+            storage=tmp_path / "runs",
+            name="s1",
+            tracking_uri=uri,
+            data_root=str(digits_root),
+            cache_dir=str(tmp_path / "cache"),
+            verbose=0,
+        ),
+    )
+    frame = pd.read_parquet(outcome.folder / "trials.parquet")
+    assert len(frame) == 3 and frame["trial_id"].is_unique
+    assert set(frame["status"]) == {"ok"}
+    assert {"config/lambda2", "val_acc", "test_auroc", "objective", "node", "wall_seconds"} <= set(
+        frame.columns
+    )
+    assert frame["config/lambda2"].between(0.1, 10).all()
+    assert len(outcome.best) == 1
+    assert outcome.best[0]["objective"] == pytest.approx(frame["objective"].max())
+
+    client, runs = children(uri, "croft_tiny", outcome.parent_run_id)
+    assert len(runs) == 3
+    assert {r.info.run_id for r in runs} == set(frame["mlflow_run_id"])
+    run = runs[0]
+    assert run.data.params["method"] == "croft" and "lambda2" in run.data.params
+    assert {"test_acc", "val_auroc", "objective"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "epoch_val_acc")) == 2
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
+    assert {"space.yaml", "summary.json"} <= artifacts
+    study = optuna.load_study(study_name="s1", storage=f"sqlite:///{outcome.folder / 'optuna.db'}")
+    assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 3
+    assert sorted(t.value for t in study.trials) == sorted(frame["objective"])
+
+
+def test_failed_trial_is_recorded_and_the_search_goes_on(tmp_path, weights, digits_root):
+    body = """method: coop
+fixed: {epochs: 1, shots: 2, views: 1}
+search:
+  n_ctx: {choice: [4, 13]}
+objective: {joint: 0.5}
+sampler: grid
+scheduler: none
+"""  # n_ctx 13 plus a class name does not fit tiny-digits' 16-token context: that trial fails
+    space = load_space(str(write_space(tmp_path, "coop_tiny", weights, body)))
+    outcome = run_search(
+        space,
+        SearchOptions(
+            storage=tmp_path / "runs",
+            name="f",
+            tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+            data_root=str(digits_root),
+            cache_dir=str(tmp_path / "cache"),
+            verbose=0,
+        ),
+    )
+    frame = pd.read_parquet(outcome.folder / "trials.parquet").set_index("config/n_ctx")
+    assert frame.loc[4, "status"] == "ok" and frame.loc[13, "status"] == "failed"
+    assert "context length" in frame.loc[13, "error"]
+    assert "\n" not in frame.loc[13, "error"]
+    assert outcome.failed == 1
+
+
+def test_resume_after_sigkill_neither_loses_nor_duplicates(tmp_path, weights, digits_root):
+    body = CROFT_BODY.replace("num_samples: 3", "num_samples: 6").replace("epochs: 2", "epochs: 3")
+    space_file = write_space(tmp_path, "croft_resume", weights, body)
+    env = {**os.environ, "CROFT_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    argv = [
+        sys.executable,
+        "-m",
+        "croft_search.run",
+        "--space",
+        str(space_file),
+        "--name",
+        "r",
+        "--storage",
+        str(tmp_path / "runs"),
+        "--data-root",
+        str(digits_root),
+        "--max-concurrent",
+        "1",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'm.db'}",
+    ]
+    table = tmp_path / "runs" / "croft_resume" / "r" / "trials.parquet"
+    driver = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and driver.poll() is None:
+            if table.exists() and len(pd.read_parquet(table)) >= 2:
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, "the search finished before it could be interrupted"
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        # SIGKILL leaves the driver's local Ray processes behind; the test owns them.
+        os.killpg(driver.pid, signal.SIGKILL) if driver.poll() is None else None
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+    before = pd.read_parquet(table)
+    assert 2 <= len(before) < 6
+
+    done = subprocess.run(
+        [*argv, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = pd.read_parquet(table)
+    assert len(after) == 6 and after["trial_id"].is_unique
+    assert set(before["trial_id"]) <= set(after["trial_id"])
+    meta = json.loads((table.parent / "search.json").read_text())
+    _, runs = children(meta["tracking_uri"], "croft_resume", meta["mlflow_parent_run_id"])
+    trial_tags = [r.data.tags["croft.trial_id"] for r in runs]
+    assert len(trial_tags) == len(set(trial_tags)) == 6
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_root):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--port=0",
+            "--num-cpus=1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    try:
+        assert head.returncode == 0, head.stderr[-2000:]
+        address = _gcs_address(head.stdout + head.stderr)
+        worker = subprocess.run(
+            [RAY, "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert worker.returncode == 0, worker.stderr[-2000:]
+        body = CROFT_BODY.replace("num_samples: 3", "num_samples: 4")
+        space = write_space(tmp_path, "croft_cluster", weights, body)
+        code = run_main(
+            [
+                "--space",
+                str(space),
+                "--address",
+                address,
+                "--name",
+                "c",
+                "--storage",
+                str(tmp_path / "runs"),
+                "--data-root",
+                str(digits_root),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'm.db'}",
+            ]
+        )
+        assert code == 0
+        frame = pd.read_parquet(tmp_path / "runs" / "croft_cluster" / "c" / "trials.parquet")
+        assert len(frame) == 4 and set(frame["status"]) == {"ok"}
+        assert frame["node"].nunique() == 2, frame["node"].tolist()
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+
+
+def _gcs_address(output: str) -> str:
+    for line in output.splitlines():
+        if "--address='" in line:
+            return line.split("--address='")[1].split("'")[0]
+    raise AssertionError(f"no address in ray start output: {output[-1000:]}")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--space", "no_such_space"], "no_such_space"),
+        (["--space", "croft_digits", "--resume", "--name", "nothing"], "nothing to resume"),
+        (["--space", "croft_digits", "--gpus-per-trial", "-1"], "--gpus-per-trial"),
+        (["--space", "croft_digits", "--set", "lambda1=-3"], "lambda1"),
+    ],
+)
+def test_run_command_bad_input_is_one_line(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main([*argv, "--storage", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_existing_search_needs_resume_or_a_new_name(tmp_path):
+    (tmp_path / "runs" / "croft_digits" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "croft_digits" / "x" / "search.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        run_main(["--name", "x", "--storage", str(tmp_path / "runs")])
