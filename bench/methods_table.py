@@ -34,8 +34,10 @@ def main() -> None:
     methods = args.methods or [m for m in method_names() if not m.startswith("_")]
     domains = list(get_dataset_spec(args.dataset).domains)
     resources = TrialResources.load(args.dataset, domains, pretrained=args.pretrained)
-    header = ("| method | target acc | AUROC | FPR95 | val objective | s / trial |\n"
-              "|---|---|---|---|---|---|")  # fmt: skip
+    header = (
+        "| method | target acc | AUROC | FPR95 | val objective | s / trial |\n"
+        "|---|---|---|---|---|---|"
+    )
     lines = [header]
     print(
         f"{args.dataset}, targets {', '.join(domains)}, seeds {args.seeds}, "
@@ -46,8 +48,12 @@ def main() -> None:
         results = []
         started = time.perf_counter()
         for seed in args.seeds:
-            config = {"method": method, "dataset": args.dataset, "target_domain": domains,
-                      "seed": seed}  # fmt: skip
+            config = {
+                "method": method,
+                "dataset": args.dataset,
+                "target_domain": domains,
+                "seed": seed,
+            }
             results.append(run_trial(config, resources))
         per_trial = (time.perf_counter() - started) / (len(args.seeds) * len(domains))
         line = (

@@ -26,8 +26,15 @@ class EncodeEveryStep:
     """Stands in for ``TrainData.views``: indexing [rows, views] decodes, augments and encodes
     those images there and then, as the reference code does for every batch."""
 
-    def __init__(self, resources: TrialResources, split: SplitFeatures, shots: int, seed: int,
-                 n_views: int, hflip: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        resources: TrialResources,
+        split: SplitFeatures,
+        shots: int,
+        seed: int,
+        n_views: int,
+        hflip: bool,
+    ) -> None:
         self.backbone = resources.backbone
         # The same rows, in the same order, as few_shot_train picks.
         self.paths = [s.path for s in sample_few_shot(split.train_samples, shots, seed)]
@@ -42,8 +49,9 @@ class EncodeEveryStep:
         return self.backbone.encode_images(batch.to(self.backbone.device)).float().cpu()
 
 
-def timed_trial(method: str, hp: dict, resources: TrialResources, split: SplitFeatures,
-                data: TrainData) -> tuple[float, dict]:  # fmt: skip
+def timed_trial(
+    method: str, hp: dict, resources: TrialResources, split: SplitFeatures, data: TrainData
+) -> tuple[float, dict]:
     started = time.perf_counter()
     model = build_method(method, hp, resources, split, data, torch.device("cpu"))
     train(model, data, hp)
@@ -73,19 +81,27 @@ def main() -> None:
         cached_data.views.shape[1],
         get_dataset_spec(args.dataset).hflip,
     )
-    reference_data = TrainData(on_the_fly, cached_data.clean, cached_data.labels,  # type: ignore[arg-type]
-                               cached_data.domains)  # fmt: skip
+    reference_data = TrainData(
+        on_the_fly,
+        cached_data.clean,
+        cached_data.labels,  # type: ignore[arg-type]
+        cached_data.domains,
+    )
 
     timed_trial(args.method, hp, resources, split, cached_data)  # warm-up: first-call overheads
     cached_seconds, cached = timed_trial(args.method, hp, resources, split, cached_data)
     reference_seconds, reference = timed_trial(args.method, hp, resources, split, reference_data)
 
-    print(f"{args.method} trial on {args.dataset}, target {args.target_domain}: {hp['epochs']} "
-          f"epochs, {hp['shots']} shots ({len(cached_data)} training images), "
-          f"{torch.get_num_threads()} threads, backbone {resources.backbone.identity}")  # fmt: skip
+    print(
+        f"{args.method} trial on {args.dataset}, target {args.target_domain}: {hp['epochs']} "
+        f"epochs, {hp['shots']} shots ({len(cached_data)} training images), "
+        f"{torch.get_num_threads()} threads, backbone {resources.backbone.identity}"
+    )
     print(f"from cached features: {cached_seconds:8.2f} s   test acc {cached['test_acc']:.3f}")
-    print(f"encoding every step:  {reference_seconds:8.2f} s   test acc {reference['test_acc']:.3f}"
-          f"   ({on_the_fly.images_encoded} images decoded, augmented and encoded)")  # fmt: skip
+    print(
+        f"encoding every step:  {reference_seconds:8.2f} s   test acc {reference['test_acc']:.3f}"
+        f"   ({on_the_fly.images_encoded} images decoded, augmented and encoded)"
+    )
     print(f"speed-up of the cache: {reference_seconds / cached_seconds:.1f}x")
 
 
