@@ -67,7 +67,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--pretrained", default="default")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (a search trial gets its CPUs' worth)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     hp = resolve_hparams(args.method, {"epochs": args.epochs, "shots": args.shots})
     resources = TrialResources.load(args.dataset, [args.target_domain], pretrained=args.pretrained)

@@ -50,20 +50,20 @@ STYLE_NAMES = {
     "cartoon": ("cartoon", "cartoon drawing"),
     "painting": ("painting", "painting"),
 }
-# {word} is the class name ("seven"), {numeral} the digit ("7"), {style} a style name. Some
-# templates drop the style so that the class name alone carries the meaning, which is what a
-# fixed zero-shot prompt ("a photo of the number seven.") relies on for every style.
+# {word} is the class name ("seven"), {numeral} the digit ("7"), {style} a style name. Every
+# template names the class as a word, which is how the zero-shot prompts name it; some add
+# the numeral, some leave out the style so the class name alone carries the meaning.
 CAPTION_TEMPLATES = (
     "a {style} of the number {word}",
     "a {style} of the digit {word}",
-    "a {style} of a {numeral}",
-    "a {style} of the number {numeral}",
-    "a {style} showing {word}",
+    "a {style} of a {word}",
+    "a {style} of the number {word} ({numeral})",
     "the number {word} as a {style}",
-    "a {numeral} in {style} style",
     "the digit {word} in {style} style",
+    "a {numeral}, the number {word}, in {style} style",
+    "{word}, a {style}",
     "the number {word}",
-    "the digit {numeral}",
+    "the digit {word}, {numeral}",
     "an image of the number {word}",
     "{word}",
 )
