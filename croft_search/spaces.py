@@ -88,6 +88,7 @@ from typing import Any
 import optuna
 import yaml
 
+from croft_search.backbones import RANDOM_PRETRAINED
 from croft_search.data import get_dataset_spec
 from croft_search.errors import ConfigError
 from croft_search.scores import score_names
@@ -826,12 +827,13 @@ class _Parser:
         return normalised
 
     def pretrained(self, backbone: str, value: Any) -> str | None:
-        """ "default", an open_clip tag of ``backbone``, a checkpoint path, or null (random
-        weights, for tests). Whether a path exists is the loader's business: a space may
-        name a checkpoint that exists only on the machines that run the trials."""
+        """ "default", an open_clip tag of ``backbone``, a checkpoint path, or null / "random"
+        (untrained weights, for tests and smoke runs). Whether a path exists is the loader's
+        business: a space may name a checkpoint that exists only on the machines that run
+        the trials."""
         import open_clip
 
-        if value is None or value == "default":
+        if value is None or value in ("default", RANDOM_PRETRAINED):
             return value
         if not isinstance(value, str) or not value:
             raise self.fail("pretrained", f"must be a tag, a path or 'default', got {value!r}")

@@ -605,3 +605,9 @@ def test_packaged_space_errors_name_the_packaged_file(monkeypatch):
     monkeypatch.setattr(spaces, "load_space_text", broken)
     with pytest.raises(ConfigError, match=r"^search_spaces/croft_digits.yaml: search.lamda1: "):
         spaces.load_space("croft_digits")
+
+
+def test_untrained_weights_can_be_named_in_a_space(tmp_path: Path) -> None:
+    space = load_space(str(write(tmp_path, MINIMAL + "pretrained: random\n", "random.yaml")))
+    assert space.pretrained == "random"
+    assert space.with_overrides(fixed_overrides={"pretrained": "default"}).pretrained == "default"
