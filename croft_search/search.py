@@ -320,9 +320,8 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         (folder / "space.yaml").write_text(space.to_yaml())
     meta = json.loads((folder / SEARCH_FILE).read_text())
 
-    # "local" starts a private instance even where `ray start` left a cluster on this host.
     ray.init(
-        address=options.address or "local",
+        address=options.address,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=True,

@@ -189,10 +189,7 @@ def test_resume_after_sigkill_neither_loses_nor_duplicates(tmp_path, weights, di
     assert len(trial_tags) == len(set(trial_tags)) == 6
 
 
-def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_root, monkeypatch):
-    # A private HOME: a stale ~/.ray/auth_token from other Ray use makes the second node's
-    # join fail with InvalidAuthToken.
-    monkeypatch.setenv("HOME", str(tmp_path))
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_root):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     head = subprocess.run(
         [
