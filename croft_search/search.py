@@ -72,13 +72,25 @@ class TrialFailed(RuntimeError):
 
 
 def trial_function(
-    config: dict[str, Any], resources: TrialResources, device: str, threads: int
+    config: dict[str, Any],
+    resources: TrialResources,
+    device: str,
+    threads: int,
+    finished: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """What a Ray worker runs for one trial: report validation metrics after every epoch
-    (for ASHA and MLflow), then the final validation and test metrics."""
+    (for ASHA and MLflow), then the final validation and test metrics.
+
+    `finished` holds the rows of trials.parquet when a search resumes: Ray Tune's experiment
+    state is saved every few seconds, so a trial that finished just before the driver died
+    can come back as unfinished; it reports its recorded result instead of training again."""
     import ray
     from ray import tune
 
+    recorded = (finished or {}).get(tune.get_context().get_trial_id())
+    if recorded is not None:
+        _replay(recorded)
+        return
     torch.set_num_threads(threads)
     # Host name alone cannot tell two Ray nodes on one machine apart; the node id can.
     node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
@@ -107,6 +119,20 @@ def trial_function(
     tune.report({**result, "final": 1, "node": node})
 
 
+def _replay(row: dict[str, Any]) -> None:
+    from ray import tune
+
+    if row["status"] == "failed":
+        raise TrialFailed(row["error"])
+    metrics = {k: v for k, v in row.items() if _is_metric(k) and v == v}
+    tune.report({**metrics, "final": int(row["status"] == "ok"), "node": row["node"]})
+
+
+def _finished_rows(folder: Path) -> dict[str, dict[str, Any]]:
+    table = TrialTable(folder, "", "")
+    return {row["trial_id"]: row for row in table.rows}
+
+
 def _mean_result(results: list[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(results[0])
     for key, value in results[0].items():
@@ -128,7 +154,7 @@ class Suggest:
         return self.space.suggest(trial) | {"selection": self.selection}
 
 
-def _driver_callback_class():
+def _driver_callback_classes():
     from ray import tune
 
     class SearchRecorder(tune.Callback):
@@ -198,7 +224,22 @@ def _driver_callback_class():
                 flush=True,
             )
 
-    return SearchRecorder
+    class AllTrialsRecorded(tune.Stopper):
+        """Ends the search once every sample has its row. After a resume, Ray Tune's
+        searcher can propose again the samples it had proposed after its last saved state;
+        their rows are already there, so they must not run as new trials."""
+
+        def __init__(self, recorder: SearchRecorder) -> None:
+            self.recorder = recorder
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            table = getattr(self.recorder, "table", None)
+            return table is not None and len(table) >= self.recorder.total
+
+    return SearchRecorder, AllTrialsRecorded
 
 
 def _is_metric(key: str) -> bool:
@@ -329,11 +370,15 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         ignore_reinit_error=True,
     )
     threads = max(1, int(options.cpus_per_trial))
+    finished = _finished_rows(folder) if options.resume else {}
     trainable = tune.with_resources(
-        tune.with_parameters(trial_function, resources=resources, device=device, threads=threads),
+        tune.with_parameters(
+            trial_function, resources=resources, device=device, threads=threads, finished=finished
+        ),
         {"cpu": options.cpus_per_trial, "gpu": gpus},
     )
-    recorder = _driver_callback_class()(folder, space, name)
+    recorder_class, stopper_class = _driver_callback_classes()
+    recorder = recorder_class(folder, space, name)
     try:
         if options.resume:
             tuner = tune.Tuner.restore(
@@ -365,11 +410,16 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
                     search_alg=searcher,
                     scheduler=scheduler,
                     num_samples=space.num_samples,
+                    # One worker process per concurrent slot, reused trial after trial:
+                    # a fresh process per trial re-imports torch and re-fetches the
+                    # features, which took more than half of a small search's wall time.
+                    reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(
                     name=name,
                     storage_path=str(folder.parent),
                     callbacks=[recorder],
+                    stop=stopper_class(recorder),
                     verbose=options.verbose,
                     failure_config=tune.FailureConfig(max_failures=0),
                 ),

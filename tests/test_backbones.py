@@ -46,7 +46,7 @@ def _save_safetensors(state_dict: dict[str, torch.Tensor], path: Path) -> Path:
 
 def _perturbed(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     changed = {key: value.clone() for key, value in state_dict.items()}
-    changed["visual.proj"] += 0.01
+    changed["visual.attnpool.c_proj.bias"] += 0.01
     return changed
 
 
@@ -54,7 +54,7 @@ def test_embedded_config_is_registered_and_small(tiny: Backbone) -> None:
     assert "tiny-digits" in backbone_names()
     assert backbone_names() == open_clip.list_models()
     n_params = sum(p.numel() for p in tiny.model.parameters())
-    assert 2 * n_params < 15e6, "fp16 checkpoint must stay well under the 20 MB budget"
+    assert 2 * n_params < 18e6, "fp16 checkpoint must stay under the 20 MB budget"
     assert (tiny.embed_dim, tiny.image_size, tiny.context_length) == (128, 32, 16)
 
 

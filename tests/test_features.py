@@ -111,7 +111,7 @@ def test_changed_weights_miss(backbone, digits_root, tmp_path):
         "digits", views=0
     )
     state = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    state["visual.proj"] += 0.01
+    state["visual.attnpool.c_proj.bias"] += 0.01
     path = tmp_path / "perturbed.pt"
     torch.save(state, path)
     other = load_backbone("tiny-digits", pretrained=str(path))
