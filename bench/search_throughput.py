@@ -3,7 +3,7 @@ trial settings of croft_digits (all four target domains, 20 epochs, 16 shots),
 and the share of the trials phase's wall time spent outside run_trial (Ray scheduling,
 result plumbing, MLflow and trials.parquet logging), measured side by side in one run.
 
-    python bench/search_throughput.py [--trials 8] [--epochs 20] [--pretrained default]
+    python bench/search_throughput.py [--trials 16] [--epochs 20] [--pretrained default]
 
 overhead share = 1 - (sum of time inside run_trial) / (concurrency x wall time of the trials)
 """
@@ -38,7 +38,7 @@ num_samples: {trials}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--pretrained", default="default")
     args = parser.parse_args()

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 
 from croft_search.errors import ConfigError, CroftError
-from croft_search.results import TrialTable
+from croft_search.results import TRIALS_FILE, TrialTable
 from croft_search.spaces import SearchSpace
 from croft_search.study import StudyMirror
 from croft_search.tracking import SearchTracker
@@ -199,6 +200,10 @@ def _driver_callback_classes():
         def _record(self, trial, result: dict, status: str, error: str) -> None:  # noqa: ANN001
             if trial.trial_id in self.table.trial_ids:
                 return
+            if len(self.table) >= self.total:
+                # A surplus trial of a resumed search, finished in the same step as the
+                # last requested one: the search is complete without it.
+                return
             metrics = {k: v for k, v in result.items() if _is_metric(k)}
             run_id = self.tracker.finish_trial(trial.trial_id, trial.config, metrics, status, error)
             wall = time.time() - self.started.get(trial.trial_id, time.time())
@@ -225,19 +230,31 @@ def _driver_callback_classes():
             )
 
     class AllTrialsRecorded(tune.Stopper):
-        """Ends the search once every sample has its row. After a resume, Ray Tune's
-        searcher can propose again the samples it had proposed after its last saved state;
-        their rows are already there, so they must not run as new trials."""
+        """Ends the search once every sample has its row in trials.parquet. After a resume,
+        Ray Tune's searcher proposes again the samples it had proposed after its last saved
+        state; their rows are already there, so they must not run as new trials.
 
-        def __init__(self, recorder: SearchRecorder) -> None:
-            self.recorder = recorder
+        Reads the row count from the file, not from the recorder: Ray restores the stopper
+        and the callbacks as separate copies, so a shared object would not survive."""
+
+        def __init__(self, folder: Path, total: int) -> None:
+            self.path = Path(folder) / TRIALS_FILE
+            self.total = total
+            self._seen: tuple[int, int] | None = None  # (mtime, size) of the last read
+            self._rows = 0
 
         def __call__(self, trial_id: str, result: dict) -> bool:
             return False
 
         def stop_all(self) -> bool:
-            table = getattr(self.recorder, "table", None)
-            return table is not None and len(table) >= self.recorder.total
+            try:
+                stat = self.path.stat()
+            except FileNotFoundError:
+                return False
+            if self._seen != (stat.st_mtime_ns, stat.st_size):
+                self._rows = pq.read_metadata(self.path).num_rows
+                self._seen = (stat.st_mtime_ns, stat.st_size)
+            return self._rows >= self.total
 
     return SearchRecorder, AllTrialsRecorded
 
@@ -379,6 +396,7 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
     )
     recorder_class, stopper_class = _driver_callback_classes()
     recorder = recorder_class(folder, space, name)
+    stopper = stopper_class(folder, space.num_samples)
     try:
         if options.resume:
             tuner = tune.Tuner.restore(
@@ -419,7 +437,7 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
                     name=name,
                     storage_path=str(folder.parent),
                     callbacks=[recorder],
-                    stop=stopper_class(recorder),
+                    stop=stopper,
                     verbose=options.verbose,
                     failure_config=tune.FailureConfig(max_failures=0),
                 ),

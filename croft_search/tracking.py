@@ -27,6 +27,10 @@ TRIAL_TAG = "croft.trial_id"
 SEARCH_TAG = "croft.search"
 # MLflow caps a param value at 6000 characters; configs never come close, but be safe.
 MAX_PARAM_LENGTH = 6000
+# MLflow's limit on metrics in one log_batch call.
+MAX_METRICS_PER_BATCH = 1000
+# Per-epoch metrics of a running trial reach MLflow at most this often (and when it ends).
+EPOCH_FLUSH_SECONDS = 5.0
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -58,6 +62,8 @@ class SearchTracker:
         self.parent_run_id: str | None = None
         self._children: dict[str, str] = {}
         self._steps: dict[str, int] = {}
+        self._unsent: dict[str, list[Metric]] = {}
+        self._last_sent: dict[str, float] = {}
 
     # ------------------------------------------------------------------ parent
     def start_parent(
@@ -122,8 +128,17 @@ class SearchTracker:
         now = int(time.time() * 1000)
         values = [Metric(f"epoch_{k}", v, now, step) for k, v in _numeric(metrics).items()
                   if k.startswith("val_") or k in ("objective", "lr", "ce")]  # fmt: skip
-        if values:
-            self.client.log_batch(run_id, metrics=values)
+        self._unsent.setdefault(run_id, []).extend(values)
+        # One write per epoch and trial kept the driver busy enough to slow the trials
+        # beside it on a small machine; curves still appear live, every few seconds.
+        if time.monotonic() - self._last_sent.get(run_id, -math.inf) >= EPOCH_FLUSH_SECONDS:
+            self._send_epochs(run_id)
+
+    def _send_epochs(self, run_id: str) -> None:
+        unsent = self._unsent.pop(run_id, [])
+        for start in range(0, len(unsent), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=unsent[start : start + MAX_METRICS_PER_BATCH])
+        self._last_sent[run_id] = time.monotonic()
 
     def finish_trial(
         self,
@@ -134,6 +149,7 @@ class SearchTracker:
         error: str = "",
     ) -> str:
         run_id = self.child(trial_id, config)
+        self._send_epochs(run_id)
         now = int(time.time() * 1000)
         values = [Metric(k, v, now, 0) for k, v in _numeric(metrics).items()]
         tags = [RunTag("status", status)] + ([RunTag("error", error[:5000])] if error else [])

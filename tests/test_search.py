@@ -217,7 +217,11 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_ro
             timeout=120,
         )
         assert worker.returncode == 0, worker.stderr[-2000:]
-        body = CROFT_BODY.replace("num_samples: 3", "num_samples: 4")
+        # Trials (about 15 s each) long enough that the second node's worker is up
+        # before the first node's worker, reused trial after trial, has run them all.
+        body = CROFT_BODY.replace("num_samples: 3", "num_samples: 4").replace(
+            "{epochs: 2, shots: 2", "{epochs: 300, shots: 8"
+        )
         space = write_space(tmp_path, "croft_cluster", weights, body)
         code = run_main(
             [

@@ -1,0 +1,73 @@
+"""What keeps a resumed search from running a finished trial again or running more trials
+than the space asks for, tested without starting Ray: a trial already in trials.parquet
+replays its recorded result, and the search stops once every sample has its row."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from ray import cloudpickle, tune
+
+from croft_search import search
+from croft_search.results import TrialTable
+
+
+@pytest.fixture
+def recorded(tmp_path):
+    table = TrialTable(tmp_path, "s", "croft_digits")
+    config = {"method": "croft", "lambda2": 2.0, "seed": 0}
+    table.add(
+        "done01", config, {"val_acc": 0.8, "objective": 0.7, "test_acc": 0.6}, "ok", node="n/1"
+    )
+    table.add("bad002", config, {}, "failed", error="ValueError: NaN loss", node="n/1")
+    table.add("asha03", config, {"val_acc": 0.3, "objective": 0.2}, "stopped", node="n/2")
+    return tmp_path
+
+
+@pytest.fixture
+def reports(monkeypatch):
+    sent: list[dict] = []
+    monkeypatch.setattr(tune, "report", lambda metrics, **_: sent.append(metrics))
+    return sent
+
+
+def run_as(trial_id: str, monkeypatch, folder) -> None:
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: trial_id))
+    # resources=None: a trial that tried to train instead of replaying would fail on it.
+    search.trial_function({}, None, "cpu", 1, finished=search._finished_rows(folder))
+
+
+def test_finished_trial_replays_its_recorded_result(recorded, reports, monkeypatch):
+    run_as("done01", monkeypatch, recorded)
+    assert len(reports) == 1
+    assert reports[0]["objective"] == pytest.approx(0.7)
+    assert reports[0]["test_acc"] == pytest.approx(0.6)
+    assert reports[0]["final"] == 1 and reports[0]["node"] == "n/1"
+
+
+def test_stopped_trial_replays_as_not_final(recorded, reports, monkeypatch):
+    run_as("asha03", monkeypatch, recorded)
+    assert reports[0]["final"] == 0 and reports[0]["objective"] == pytest.approx(0.2)
+    assert "test_acc" not in reports[0]
+
+
+def test_failed_trial_fails_again_with_its_error(recorded, reports, monkeypatch):
+    with pytest.raises(search.TrialFailed, match="NaN loss"):
+        run_as("bad002", monkeypatch, recorded)
+    assert reports == []
+
+
+def test_search_stops_once_every_sample_has_a_row(tmp_path):
+    _, stopper_class = search._driver_callback_classes()
+    stopper = stopper_class(tmp_path, 4)
+    assert not stopper.stop_all()  # no table yet
+    table = TrialTable(tmp_path, "s", "croft_digits")
+    for index in range(3):
+        table.add(f"t{index}", {"method": "croft"}, {"objective": 0.1}, "ok")
+    assert not stopper.stop_all()  # 3 of 4
+    # The stopper Ray restores is a copy of its own, so it must read the file.
+    restored = cloudpickle.loads(cloudpickle.dumps(stopper))
+    TrialTable(tmp_path, "s", "croft_digits").add("t3", {"method": "croft"}, {}, "ok")
+    assert stopper.stop_all() and restored.stop_all()
+    assert stopper("t3", {}) is False

@@ -1,0 +1,49 @@
+"""MLflow logging from the driver: per-epoch metrics are batched (the first epoch at once,
+then at most every EPOCH_FLUSH_SECONDS, the rest when the trial ends), and none is lost."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from croft_search import tracking
+from croft_search.tracking import SearchTracker
+
+
+@pytest.fixture
+def tracker(tmp_path) -> SearchTracker:
+    tracker = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", "croft_digits")
+    tracker.start_parent("s", {"space": "croft_digits"}, "method: croft\n", None)
+    return tracker
+
+
+def history(tracker: SearchTracker, trial_id: str, key: str) -> list[tuple[int, float]]:
+    client = MlflowClient(tracker.tracking_uri)
+    run_id = tracker.child(trial_id, {})
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_epoch_metrics_are_batched_and_all_arrive(tracker, monkeypatch):
+    monkeypatch.setattr(tracking, "EPOCH_FLUSH_SECONDS", 3600.0)
+    config = {"method": "croft", "lambda2": 1.0}
+    for epoch in range(4):
+        tracker.log_epoch("t1", config, {"epoch": epoch, "val_acc": 0.5 + epoch / 10, "lr": 0.1})
+    # The first epoch is sent at once (the run shows up live); the others wait.
+    assert history(tracker, "t1", "epoch_val_acc") == [(0, 0.5)]
+    tracker.finish_trial("t1", config, {"val_acc": 0.9, "test_acc": 0.8}, "ok")
+    assert history(tracker, "t1", "epoch_val_acc") == [
+        (0, 0.5),
+        (1, pytest.approx(0.6)),
+        (2, pytest.approx(0.7)),
+        (3, pytest.approx(0.8)),
+    ]
+    assert history(tracker, "t1", "test_acc") == [(0, pytest.approx(0.8))]
+    assert [s for s, _ in history(tracker, "t1", "epoch_lr")] == [0, 1, 2, 3]
+
+
+def test_epoch_metrics_flow_live_when_the_interval_has_passed(tracker, monkeypatch):
+    monkeypatch.setattr(tracking, "EPOCH_FLUSH_SECONDS", 0.0)
+    config = {"method": "coop"}
+    for epoch in range(3):
+        tracker.log_epoch("t2", config, {"epoch": epoch, "objective": epoch / 4})
+    assert [s for s, _ in history(tracker, "t2", "epoch_objective")] == [0, 1, 2]
