@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from croft_search.errors import ConfigError
+from croft_search.metrics import metric_direction
 
 __all__ = [
     "Objective",
@@ -21,16 +22,6 @@ __all__ = [
     "parse_reference_point",
 ]
 
-# Direction by the metric's own name (the part after the last "/", so "photo/test_acc"
-# reads as "test_acc"): the first pattern that matches the end of the name wins.
-KNOWN_DIRECTIONS: tuple[tuple[str, bool], ...] = (
-    (r"fpr\d*", False),  # false-positive rate (fpr95): lower is better
-    (r"seconds", False),  # time: lower is better
-    (r"acc|accuracy", True),
-    (r"auroc", True),
-    (r"aupr(_in|_out)?", True),
-    (r"objective", True),
-)
 # Metrics that are fractions in [0, 1]: their natural worst value is a fixed bound.
 FRACTION_METRICS = re.compile(r"(^|_)(fpr\d*|acc|accuracy|auroc|aupr(_in|_out)?|objective)$")
 
@@ -57,15 +48,6 @@ class Objective:
             hint = "better ↑" if self.maximize else "better ↓"
         wording = "higher" if self.maximize else "lower"
         return f"{self.name}  ({wording} is better, {hint})"
-
-
-def metric_direction(name: str) -> bool | None:
-    """True when larger is better, False when smaller is, None when the name is unknown."""
-    base = name.rsplit("/", 1)[-1].lower()
-    for pattern, maximize in KNOWN_DIRECTIONS:
-        if re.search(rf"(^|_)({pattern})$", base):
-            return maximize
-    return None
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:

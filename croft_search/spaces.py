@@ -91,6 +91,7 @@ import yaml
 from croft_search.backbones import RANDOM_PRETRAINED
 from croft_search.data import get_dataset_spec
 from croft_search.errors import ConfigError
+from croft_search.metrics import metric_direction
 from croft_search.scores import score_names
 from croft_search.selection import SELECTION_MODES
 from trainables.base import LOOP_HPARAMS, HParam
@@ -135,14 +136,14 @@ SETTINGS_WITH_OWN_KEY = {
     "seed": "seeds",
     "variant": "variants",
 }
-# Direction of every metric a pareto objective may name (run_trial's result keys).
-VALIDATION_METRICS = {"val_acc": "max", "val_auroc": "max", "val_fpr95": "min"}
+# The metrics a pareto objective may name (run_trial's result keys), each with its direction.
+VALIDATION_METRICS = {
+    name: "max" if metric_direction(name) else "min"
+    for name in ("val_acc", "val_auroc", "val_fpr95")
+}
 TEST_METRICS = {
-    "test_acc": "max",
-    "test_auroc": "max",
-    "test_fpr95": "min",
-    "test_aupr_in": "max",
-    "test_aupr_out": "max",
+    name: "max" if metric_direction(name) else "min"
+    for name in ("test_acc", "test_auroc", "test_fpr95", "test_aupr_in", "test_aupr_out")
 }
 JOINT_METRIC = "objective"
 ASHA_ARGS = ("grace_period", "reduction_factor", "max_t")
