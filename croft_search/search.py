@@ -13,11 +13,14 @@ Folder of a search: ``STORAGE/<space>/<name>/`` holds Ray Tune's experiment stat
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
+import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from croft_search.tracking import SearchTracker
 from trainables.trial import TrialResources, run_trial
 
 SEARCH_FILE = "search.json"
+TUNE_FILE_LOGGERS_SWITCH = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 @dataclass
@@ -259,6 +263,22 @@ def _driver_callback_classes():
     return SearchRecorder, AllTrialsRecorded
 
 
+@contextlib.contextmanager
+def _without_tune_result_files() -> Iterator[None]:
+    """Ray Tune writes every result of every trial to its own CSV, JSON and TensorBoard
+    files from the driver, on top of trials.parquet and MLflow: only driver CPU taken from
+    the trials beside it. Its switch is an environment variable read when fit() starts."""
+    previous = os.environ.get(TUNE_FILE_LOGGERS_SWITCH)
+    os.environ[TUNE_FILE_LOGGERS_SWITCH] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TUNE_FILE_LOGGERS_SWITCH, None)
+        else:
+            os.environ[TUNE_FILE_LOGGERS_SWITCH] = previous
+
+
 def _is_metric(key: str) -> bool:
     return (
         key.startswith(
@@ -443,7 +463,8 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
                 ),
             )
         fit_started = time.perf_counter()
-        tuner.fit()
+        with _without_tune_result_files():
+            tuner.fit()
         search_seconds = time.perf_counter() - fit_started
     finally:
         ray.shutdown()

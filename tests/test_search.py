@@ -24,6 +24,7 @@ from croft_search.search import SearchOptions, run_search
 from croft_search.spaces import load_space
 
 pytestmark = pytest.mark.slow
+TUNE_RESULT_FILES = {"progress.csv", "result.json"}
 # The ray CLI of the interpreter running the tests (the venv may not be on PATH).
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -78,6 +79,10 @@ def test_search_writes_parquet_and_mlflow_parent_child(tmp_path, weights, digits
     )
     frame = pd.read_parquet(outcome.folder / "trials.parquet")
     assert len(frame) == 3 and frame["trial_id"].is_unique
+    # Results live in trials.parquet and MLflow only; Ray Tune's own per-trial result files
+    # are switched off for the search, and the switch is put back afterwards.
+    assert not [p.name for p in outcome.folder.rglob("*") if p.name in TUNE_RESULT_FILES]
+    assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
     assert set(frame["status"]) == {"ok"}
     assert {"config/lambda2", "val_acc", "test_auroc", "objective", "node", "wall_seconds"} <= set(
         frame.columns
