@@ -4,6 +4,10 @@ reference way, where every batch's images go through the frozen image encoder at
 the same evaluation; only where the training features come from differs.
 
     python bench/trial_speed.py [--method croft] [--target-domain photo] [--epochs 30]
+    python bench/trial_speed.py --backbone ViT-B-16 --pretrained random --epochs 3 --views 1
+
+The second form times the same comparison with a real CLIP-sized image encoder (random
+weights encode exactly as fast as trained ones), for contrast with the tiny embedded model.
 """
 
 from __future__ import annotations
@@ -66,7 +70,9 @@ def main() -> None:
     parser.add_argument("--target-domain", default="photo")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--shots", type=int, default=16)
+    parser.add_argument("--backbone", default="tiny-digits")
     parser.add_argument("--pretrained", default="default")
+    parser.add_argument("--views", type=int, default=8, help="cached augmented views per image")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (a search trial gets its CPUs' worth)"
     )
@@ -74,7 +80,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     hp = resolve_hparams(args.method, {"epochs": args.epochs, "shots": args.shots})
-    resources = TrialResources.load(args.dataset, [args.target_domain], pretrained=args.pretrained)
+    resources = TrialResources.load(
+        args.dataset,
+        [args.target_domain],
+        backbone=args.backbone,
+        pretrained=args.pretrained,
+        views=args.views,
+        progress=True,
+    )
     split = resources.splits[args.target_domain]
     cached_data = few_shot_train(split, hp["shots"], hp["seed"])
     on_the_fly = EncodeEveryStep(
