@@ -5,6 +5,7 @@ the same evaluation; only where the training features come from differs.
 
     python bench/trial_speed.py [--method croft] [--target-domain photo] [--epochs 30]
     python bench/trial_speed.py --backbone ViT-B-16 --pretrained random --epochs 3 --views 1
+    python bench/trial_speed.py --set lambda1=0 --set lambda2=0   # CRoFT without its parts
 
 The second form times the same comparison with a real CLIP-sized image encoder (random
 weights encode exactly as fast as trained ones), for contrast with the tiny embedded model.
@@ -19,6 +20,7 @@ import torch
 
 from croft_search.data import get_dataset_spec, load_image, sample_few_shot
 from croft_search.features import SplitFeatures
+from croft_search.train import parse_assignments
 from trainables.base import TrainData
 from trainables.evaluate import build_score, evaluate
 from trainables.loop import train
@@ -74,12 +76,17 @@ def main() -> None:
     parser.add_argument("--pretrained", default="default")
     parser.add_argument("--views", type=int, default=8, help="cached augmented views per image")
     parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="hyper-parameter override, e.g. lambda2=0 to time CRoFT without EDR",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (a search trial gets its CPUs' worth)"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    hp = resolve_hparams(args.method, {"epochs": args.epochs, "shots": args.shots})
+    overrides = {"epochs": args.epochs, "shots": args.shots, **parse_assignments(args.set)}
+    hp = resolve_hparams(args.method, overrides)
     resources = TrialResources.load(
         args.dataset,
         [args.target_domain],

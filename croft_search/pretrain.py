@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("steps", "batch_size", "per_class_per_domain", "log_every"):
+    for flag in ("steps", "per_class_per_domain", "log_every"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.batch_size < 2:

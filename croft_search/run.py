@@ -6,6 +6,7 @@ tiny CLIP); --space takes a shipped space name or a path to a YAML file."""
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
     space = load_space(args.space)
     options = SearchOptions(
@@ -74,6 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     outcome = run_search(space, options)
     print(f"\n{outcome.trials} trials finished ({outcome.failed} failed) in {outcome.folder}")
+    if not args.resume and outcome.search_seconds > 0:
+        # A resumed search's table also holds the trials of the runs before it.
+        print(
+            f"time: {outcome.search_seconds:.0f} s of trials "
+            f"({60 * outcome.trials / outcome.search_seconds:.1f} trials/min), "
+            f"{time.perf_counter() - started:.0f} s in all (start-up, features, Ray)"
+        )
     label = "best trial by validation" if len(outcome.best) <= 1 else "validation Pareto set"
     print(f"{label}:")
     for row in outcome.best:

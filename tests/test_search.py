@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,7 +195,7 @@ def test_resume_after_sigkill_neither_loses_nor_duplicates(tmp_path, weights, di
     assert len(trial_tags) == len(set(trial_tags)) == 6
 
 
-def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_root):
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_root, capsys):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     head = subprocess.run(
         [
@@ -250,6 +251,10 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_ro
         frame = pd.read_parquet(tmp_path / "runs" / "croft_cluster" / "c" / "trials.parquet")
         assert len(frame) == 4 and set(frame["status"]) == {"ok"}
         assert frame["node"].nunique() == 2, frame["node"].tolist()
+        timing = re.search(
+            r"time: (\d+) s of trials \(([\d.]+) trials/min\)", capsys.readouterr().out
+        )
+        assert timing and float(timing[2]) == pytest.approx(4 * 60 / int(timing[1]), rel=0.1)
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
 
