@@ -179,6 +179,8 @@ def _driver_callback_classes():
             self.tracker = SearchTracker(meta["tracking_uri"], self.space_name)
             self.tracker.start_parent(self.search_name, {}, "", meta["mlflow_parent_run_id"])
             self.table = TrialTable(self.folder, self.search_name, self.space_name)
+            # Child runs of a previous driver's unfinished trials (none on a fresh search).
+            self.tracker.discard_unrecorded(self.table.trial_ids)
             self.study = StudyMirror(self.folder, self.search_name, self.space)
             self.started: dict[str, float] = {}
 
@@ -207,6 +209,7 @@ def _driver_callback_classes():
             if len(self.table) >= self.total:
                 # A surplus trial of a resumed search, finished in the same step as the
                 # last requested one: the search is complete without it.
+                self.tracker.discard_unrecorded(self.table.trial_ids)
                 return
             metrics = {k: v for k, v in result.items() if _is_metric(k)}
             run_id = self.tracker.finish_trial(trial.trial_id, trial.config, metrics, status, error)
@@ -475,6 +478,8 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
     best = _best_rows(ok, space)
     tracker = SearchTracker(meta["tracking_uri"], space.name)
     tracker.start_parent(name, {}, "", meta["mlflow_parent_run_id"])
+    # Trials still running when the last sample's row arrived were stopped unrecorded.
+    tracker.discard_unrecorded(table.trial_ids)
     summary = {
         "trials": len(frame),
         "failed": int((frame.get("status") == "failed").sum()) if len(frame) else 0,

@@ -102,6 +102,24 @@ class SearchTracker:
     def has_child(self, trial_id: str) -> bool:
         return trial_id in self._children
 
+    def discard_unrecorded(self, recorded: set[str]) -> list[str]:
+        """Delete the child runs of trials that have no row in trials.parquet: attempts cut
+        off by a killed driver (Ray runs them again under a new child run, or proposes new
+        trials instead) and surplus trials stopped once every sample had its row. Without
+        this, a resumed search shows more child runs than trials. MLflow's delete is soft:
+        `mlflow gc` purges them, the UI's "deleted" filter still shows them."""
+        discarded = []
+        for trial_id, run_id in list(self._children.items()):
+            if trial_id in recorded:
+                continue
+            self.client.set_terminated(run_id, "KILLED")
+            self.client.delete_run(run_id)
+            del self._children[trial_id]
+            self._unsent.pop(run_id, None)
+            self._steps.pop(trial_id, None)
+            discarded.append(trial_id)
+        return discarded
+
     def child(self, trial_id: str, config: Mapping[str, Any]) -> str:
         """The child run of ``trial_id``, created with its config as params on first use."""
         if trial_id not in self._children:

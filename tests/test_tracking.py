@@ -47,3 +47,28 @@ def test_epoch_metrics_flow_live_when_the_interval_has_passed(tracker, monkeypat
     for epoch in range(3):
         tracker.log_epoch("t2", config, {"epoch": epoch, "objective": epoch / 4})
     assert [s for s, _ in history(tracker, "t2", "epoch_objective")] == [0, 1, 2]
+
+
+def test_unrecorded_child_runs_are_discarded_and_stay_gone_after_reattaching(tracker):
+    # A killed driver leaves the child run of a trial cut off mid-way; a resumed search must
+    # not show it beside the trials that have rows (CI once counted 7 child runs for 6 rows).
+    config = {"method": "croft"}
+    tracker.finish_trial("done", config, {"val_acc": 0.9}, "ok")
+    tracker.log_epoch("cut", config, {"epoch": 0, "val_acc": 0.4})
+    resumed = SearchTracker(tracker.tracking_uri, "croft_digits")
+    resumed.start_parent("s", {}, "", tracker.parent_run_id)
+    assert resumed.has_child("cut") and resumed.has_child("done")
+    cut_run = resumed.child("cut", config)
+
+    assert resumed.discard_unrecorded({"done"}) == ["cut"]
+    assert not resumed.has_child("cut")
+    client = MlflowClient(tracker.tracking_uri)
+    live = client.search_runs(
+        [tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{tracker.parent_run_id}'"
+    )
+    assert [r.data.tags[tracking.TRIAL_TAG] for r in live] == ["done"]
+    again = SearchTracker(tracker.tracking_uri, "croft_digits")
+    again.start_parent("s", {}, "", tracker.parent_run_id)
+    assert again.has_child("done") and not again.has_child("cut")
+    # The trial can run again under a fresh child run.
+    assert again.child("cut", config) != cut_run
