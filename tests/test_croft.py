@@ -22,6 +22,7 @@ from trainables.croft import (
     edr_penalty,
     energy,
     energy_gradient_norm,
+    generator_gradient,
     same_class_similarity,
 )
 from trainables.loop import train
@@ -221,6 +222,87 @@ def test_edr_is_skipped_without_lambda2_and_matches_the_helper() -> None:
     assert expected > 0
     off, features, labels = tiny_method(lambda1=0.0, lambda2=0.0)
     assert off.extra_losses(features, labels, domains) == {}
+
+
+def autograd_edr(method: CRoFT, features: torch.Tensor) -> torch.Tensor:
+    """The EDR term as the paper writes it, by autograd's double backward: the reference
+    the closed-form gradients in training must reproduce."""
+    theta = method.adapter_parameters()
+    image = F.normalize(adapt(features, method.image_adapter, method.ratio_image), dim=-1)
+    text = F.normalize(adapt(method.raw_text(), method.text_adapter, method.ratio_text), dim=-1)
+    aggregate, reduction = method.edr_energy, method.edr_reduction
+    penalty = edr_penalty(energy(image, text, aggregate), theta, reduction)
+    if method.edr_on_shifted:
+        generator = method.generator.detach() if method.worst_case else method.generator
+        shifted = F.normalize(image @ generator + image, dim=-1)
+        penalty = penalty + edr_penalty(energy(shifted, text, aggregate), theta, reduction)
+    return method.lambda2 * penalty
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"lambda1": 0.0},
+        {"lambda1": 5.0, "gen_steps": 1},
+        {"lambda1": 5.0, "gen_steps": 0},  # joint: the penalty also reaches G
+        {"lambda1": 5.0, "edr_energy": "sum", "edr_reduction": "mean"},
+        {"lambda1": 5.0, "edr_on_shifted": False},
+        {"lambda1": 5.0, "ratio_image": 0.0},
+        {"lambda1": 5.0, "ratio_text": 0.0},
+    ],
+)
+def test_closed_form_edr_equals_the_double_backward_in_value_and_gradient(
+    overrides: dict[str, Any],
+) -> None:
+    method, features, labels = tiny_method(**overrides)
+    if method.generator is not None:
+        with torch.no_grad():
+            method.generator.add_(
+                0.2 * torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
+            )
+    params = [p for p in method.parameters() if p.requires_grad]
+    closed = method.extra_losses(features, labels, torch.zeros_like(labels))["edr"]
+    reference = autograd_edr(method, features)
+    torch.testing.assert_close(closed, reference, rtol=1e-12, atol=1e-15)
+    got = torch.autograd.grad(closed, params, allow_unused=True)
+    want = torch.autograd.grad(reference, params, allow_unused=True)
+    names = [name for name, p in method.named_parameters() if p.requires_grad]
+    for name, a, b in zip(names, got, want, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14, msg=name)
+    assert any(g is not None and g.abs().max() > 1e-6 for g in got)
+
+
+@pytest.mark.parametrize("lambda1", [0.5, 5.0])
+def test_generator_gradient_equals_autograd_on_the_generator_loss(lambda1: float) -> None:
+    method, features, labels = tiny_method(lambda1=lambda1, gen_steps=1)
+    image, text = method.image_features(features).detach(), method.text_features().detach()
+    generator = torch.eye(6, dtype=torch.float64) + 0.3 * torch.randn(6, 6, dtype=torch.float64)
+    generator.requires_grad_(True)
+    shifted = F.normalize(image @ generator + image, dim=-1)
+    loss = F.cross_entropy(method.logit_scale * shifted @ text.T, labels)
+    loss = loss + lambda1 * same_class_similarity(shifted, image, labels)
+    (want,) = torch.autograd.grad(loss, [generator])
+    got = generator_gradient(image, text, generator.detach(), labels, method.logit_scale, lambda1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    assert want.abs().max() > 1e-4
+
+
+def test_closed_form_edr_follows_learned_prompts(digits_context: MethodContext) -> None:
+    method, _ = build(digits_context, n_ctx=4, lambda1=5.0)
+    # float32: the frozen text tower the prompts run through is float32.
+    features, labels, domains = first_batch(digits_context, size=8)
+    with torch.no_grad():
+        method.text_adapter.add_(0.05 * torch.randn_like(method.text_adapter))
+    context = method.prompt_learner.context
+    closed = method.extra_losses(features, labels, domains)["edr"]
+    reference = autograd_edr(method, features)
+    torch.testing.assert_close(closed, reference, rtol=1e-5, atol=1e-12)
+    (got,) = torch.autograd.grad(closed, [context])
+    (want,) = torch.autograd.grad(reference, [context])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3 * float(want.abs().max()))
+    assert got.abs().max() > 0
 
 
 def test_worst_case_generator_trains_on_its_own_and_the_adapters_see_the_minimax_term(
