@@ -39,7 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="search name (default: a timestamp)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted search")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
-    parser.add_argument("--selection", default="val", choices=("val", "oracle"))
+    parser.add_argument(
+        "--selection",
+        default=None,
+        choices=("val", "oracle"),
+        help="model selection every trial records (default: the space's, else val)",
+    )
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--seed", type=int, default=0, help="sampler seed")

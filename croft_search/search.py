@@ -52,7 +52,7 @@ class SearchOptions:
     cpus_per_trial: float = 1.0
     address: str | None = None
     tracking_uri: str | None = None
-    selection: str = "val"
+    selection: str | None = None  # None: the space's own (fixed: {selection: ...}), else val
     data_root: str | None = None
     cache_dir: str | None = None
     seed: int = 0
@@ -331,6 +331,20 @@ def _search_folder(space: SearchSpace, options: SearchOptions) -> tuple[Path, st
     return folder, name
 
 
+def _selection(space: SearchSpace, requested: str | None) -> str:
+    """The selection mode every trial records: the command line's, else the space's."""
+    own = str(space.setting("selection"))
+    if requested is None:
+        return own
+    if requested != own and own == "oracle":
+        # The space's objective reads test metrics; labelling its trials "val" would hide it.
+        raise ConfigError(
+            f"space {space.name} selects by test metrics (fixed: {{selection: oracle}}); "
+            f"--selection {requested} contradicts it"
+        )
+    return requested
+
+
 def _gpus_per_trial(options: SearchOptions) -> float:
     if options.gpus_per_trial is not None:
         if options.gpus_per_trial < 0:
@@ -355,6 +369,7 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
     if options.max_concurrent is not None and options.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {options.max_concurrent}")
     device = "cuda" if gpus > 0 else "cpu"
+    selection = _selection(space, options.selection)
 
     # Loading features first: a missing dataset or backbone fails here, before Ray starts.
     resources = TrialResources.load(
@@ -378,7 +393,7 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
                 "space": space.name,
                 "num_samples": space.num_samples,
                 "sampler": space.sampler,
-                "selection": options.selection,
+                "selection": selection,
                 "gpus_per_trial": gpus,
                 "cpus_per_trial": options.cpus_per_trial,
             },
@@ -393,7 +408,7 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
                     "tracking_uri": tracker.tracking_uri,
                     "mlflow_parent_run_id": parent,
                     "created": dt.datetime.now().isoformat(),
-                    "selection": options.selection,
+                    "selection": selection,
                 },
                 indent=2,
             )
@@ -428,7 +443,7 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         else:
             metrics, modes = space.metric_names(), space.modes()
             searcher = OptunaSearch(
-                space=Suggest(space, options.selection),
+                space=Suggest(space, selection),
                 metric=metrics if len(metrics) > 1 else metrics[0],
                 mode=modes if len(modes) > 1 else modes[0],
                 sampler=space.make_sampler(options.seed),

@@ -1,0 +1,56 @@
+"""Which selection mode a search's trials record: the command line's when given, else the
+space's own; a space that selects by test metrics keeps its "oracle" label (it was once
+overwritten with the command line's default "val"). No Ray is started."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from croft_search import search
+from croft_search.errors import ConfigError
+from croft_search.run import main as run_main
+from croft_search.spaces import load_space
+
+ORACLE_SPACE = """\
+method: croft
+fixed: {epochs: 2, selection: oracle}
+search:
+  lambda1: {uniform: [0, 15]}
+objective: {pareto: [test_acc, test_auroc]}
+num_samples: 4
+"""
+PLAIN_SPACE = ORACLE_SPACE.replace(", selection: oracle", "").replace(
+    "[test_acc, test_auroc]", "[val_acc, val_auroc]"
+)
+
+
+def suggested(path, requested):
+    space = load_space(str(path))
+    suggest = search.Suggest(space, search._selection(space, requested))
+    return suggest(optuna.create_study().ask())["selection"]
+
+
+def test_the_space_selection_is_kept_unless_the_command_line_names_one(tmp_path):
+    oracle = tmp_path / "oracle.yaml"
+    oracle.write_text(ORACLE_SPACE)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(PLAIN_SPACE)
+    assert suggested(oracle, None) == "oracle"
+    assert suggested(oracle, "oracle") == "oracle"
+    assert suggested(plain, None) == "val"
+    assert suggested(plain, "oracle") == "oracle"
+    with pytest.raises(ConfigError, match="selects by test metrics"):
+        suggested(oracle, "val")
+
+
+def test_contradicting_selection_is_a_one_line_error(tmp_path, capsys):
+    oracle = tmp_path / "oracle.yaml"
+    oracle.write_text(ORACLE_SPACE)
+    argv = ["--space", str(oracle), "--selection", "val", "--storage", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--selection val contradicts it" in err[0]
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
