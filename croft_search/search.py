@@ -192,7 +192,8 @@ def _driver_callback_classes():
             self.started[trial.trial_id] = time.time()
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:  # noqa: ANN001
-            if not result.get("final"):
+            # A resumed search replays recorded trials; their runs already hold every epoch.
+            if not result.get("final") and trial.trial_id not in self.table.trial_ids:
                 self.tracker.log_epoch(trial.trial_id, trial.config, result)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001

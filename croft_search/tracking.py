@@ -31,6 +31,8 @@ MAX_PARAM_LENGTH = 6000
 MAX_METRICS_PER_BATCH = 1000
 # Per-epoch metrics of a running trial reach MLflow at most this often (and when it ends).
 EPOCH_FLUSH_SECONDS = 5.0
+# A trial's status in trials.parquet -> its child run's MLflow status.
+RUN_STATUS = {"ok": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -172,7 +174,8 @@ class SearchTracker:
         values = [Metric(k, v, now, 0) for k, v in _numeric(metrics).items()]
         tags = [RunTag("status", status)] + ([RunTag("error", error[:5000])] if error else [])
         self.client.log_batch(run_id, metrics=values, tags=tags)
-        self.client.set_terminated(run_id, "FINISHED" if status == "ok" else "FAILED")
+        # An ASHA-stopped trial did nothing wrong: KILLED, as MLflow calls a run ended early.
+        self.client.set_terminated(run_id, RUN_STATUS.get(status, "FAILED"))
         return run_id
 
     # ------------------------------------------------------------------ helpers

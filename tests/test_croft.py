@@ -349,6 +349,10 @@ def test_joint_generator_is_a_main_parameter_and_lambda1_zero_removes_it(
     ) + 5.0 * same_class_similarity(shifted, image, labels)
     torch.testing.assert_close(joint.extra_losses(features, labels, domains)["shift"], expected)
 
+    # EDR on the shifted features belongs to the worst-case branch (METHODS.md, reference).
+    assert not joint.edr_on_shifted
+    assert build(digits_context, gen_steps=1, lambda1=5.0)[0].edr_on_shifted
+
     for gen_steps in (0, 3):
         off, history = fit(digits_context, epochs=1, gen_steps=gen_steps, lambda1=0.0)
         assert off.generator is None

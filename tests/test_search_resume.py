@@ -4,6 +4,7 @@ replays its recorded result, and the search stops once every sample has its row.
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,8 @@ from ray import cloudpickle, tune
 
 from croft_search import search
 from croft_search.results import TrialTable
+from croft_search.spaces import load_space
+from croft_search.tracking import SearchTracker
 
 
 @pytest.fixture
@@ -71,3 +74,30 @@ def test_search_stops_once_every_sample_has_a_row(tmp_path):
     TrialTable(tmp_path, "s", "croft_digits").add("t3", {"method": "croft"}, {}, "ok")
     assert stopper.stop_all() and restored.stop_all()
     assert stopper("t3", {}) is False
+
+
+def test_replayed_trial_adds_no_epoch_to_its_recorded_run(tmp_path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(
+        "method: croft\nfixed: {epochs: 2}\nsearch: {lambda1: {uniform: [0, 15]}}\nnum_samples: 3\n"
+    )
+    space = load_space(str(space_file))
+    tracker = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", space.name)
+    parent = tracker.start_parent("s", {}, "", None)
+    config = {"method": "croft", "lambda1": 2.0}
+    tracker.log_epoch("asha03", config, {"epoch": 0, "objective": 0.2})
+    run_id = tracker.finish_trial("asha03", config, {"objective": 0.2}, "stopped")
+    (tmp_path / search.SEARCH_FILE).write_text(
+        json.dumps({"tracking_uri": tracker.tracking_uri, "mlflow_parent_run_id": parent})
+    )
+    TrialTable(tmp_path, "s", space.name).add("asha03", config, {"objective": 0.2}, "stopped")
+
+    recorder_class, _ = search._driver_callback_classes()
+    recorder = recorder_class(tmp_path, space, "s")
+    recorder.setup()
+    trial = SimpleNamespace(trial_id="asha03", config=config)
+    # What _replay sends for a stopped trial after a resume.
+    recorder.on_trial_result(0, [], trial, {"final": 0, "objective": 0.2, "node": "n/2"})
+    recorder.tracker._send_epochs(run_id)
+    history = recorder.tracker.client.get_metric_history(run_id, "epoch_objective")
+    assert [(m.step, m.value) for m in history] == [(0, pytest.approx(0.2))]

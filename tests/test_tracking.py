@@ -72,3 +72,12 @@ def test_unrecorded_child_runs_are_discarded_and_stay_gone_after_reattaching(tra
     assert again.has_child("done") and not again.has_child("cut")
     # The trial can run again under a fresh child run.
     assert again.child("cut", config) != cut_run
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"), [("ok", "FINISHED"), ("stopped", "KILLED"), ("failed", "FAILED")]
+)
+def test_child_run_status_follows_the_trial_status(tracker, status, expected):
+    run_id = tracker.finish_trial(f"t-{status}", {"method": "croft"}, {"val_acc": 0.5}, status)
+    run = MlflowClient(tracker.tracking_uri).get_run(run_id)
+    assert run.info.status == expected and run.data.tags["status"] == status

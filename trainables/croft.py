@@ -30,7 +30,7 @@ Switches, all plain hyper-parameters so a search grid can express the paper's ab
 - lambda1 > 0, gen_steps = 0: G is one of the main parameters and everything minimises
   CE(s*xc@t.T) + lambda1*Lc together.
 - lambda2 = 0 skips the EDR double backward; edr_on_shifted adds Le on the shifted features
-  (only while the generator is on).
+  (in the worst-case branch only, as the reference does).
 - ratio_image = 0 or ratio_text = 0: that adapter has no effect, so it is a frozen buffer.
 - edr_energy: with the energy summed over the batch, Le grows with (batch * classes)^2 and
   at lambda2 >= 1 it outweighs the cross-entropy until the features collapse; the mean
@@ -222,7 +222,9 @@ class CRoFT(Method):
         "gen_steps": HParam(1, low=0, high=20, help="generator steps per batch; 0 = joint"),
         "gen_lr": HParam(0.002, low=0.0, high=1.0, help="generator SGD learning rate"),
         "edr_reduction": HParam("sum", choices=("sum", "mean"), help="sum: setup II, mean: I"),
-        "edr_on_shifted": HParam(True, help="also apply EDR to the shifted features"),
+        "edr_on_shifted": HParam(
+            True, help="also apply EDR to the shifted features (worst-case branch only)"
+        ),
         # METHODS.md defines E as a sum over batch and classes but quotes the reference as
         # differentiating mean(E(theta + delta) - E(theta)); the two differ by (B*K)^2 in Le.
         # "mean" by default: the reference differentiates mean(E(theta+delta) - E(theta)).
@@ -241,7 +243,9 @@ class CRoFT(Method):
         self.edr_energy = hp["edr_energy"]
         self.use_generator = self.lambda1 > 0
         self.worst_case = self.use_generator and self.gen_steps > 0
-        self.edr_on_shifted = self.use_generator and hp["edr_on_shifted"]
+        # Shifted features join the EDR only in the worst-case branch, as in the reference
+        # (METHODS.md: Le(zI) + Le(zI^c) there; joint training penalises ID features only).
+        self.edr_on_shifted = self.worst_case and hp["edr_on_shifted"]
 
         eye = torch.eye(dim, device=context.device)
         # An adapter whose ratio is 0 cannot change the output: a buffer, so it never trains.
