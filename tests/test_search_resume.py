@@ -101,3 +101,24 @@ def test_replayed_trial_adds_no_epoch_to_its_recorded_run(tmp_path):
     recorder.tracker._send_epochs(run_id)
     history = recorder.tracker.client.get_metric_history(run_id, "epoch_objective")
     assert [(m.step, m.value) for m in history] == [(0, pytest.approx(0.2))]
+
+
+def test_diverged_trial_fails_with_its_one_line_reason(reports, monkeypatch):
+    # What a Ray worker does when run_trial meets a NaN loss: the trial fails with the
+    # reason on one line (the driver writes it to trials.parquet as a failed row).
+    import ray
+
+    from trainables.loop import TrainingDiverged
+
+    def diverge(*args, **kwargs):
+        raise TrainingDiverged("loss became nan\nin epoch 3")
+
+    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    node = SimpleNamespace(get_node_id=lambda: "0123456789abcdef")
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: node)
+    monkeypatch.setattr(search, "run_trial", diverge)
+    config = {"method": "croft", "target_domain": "sketch", "epochs": 2}
+    with pytest.raises(search.TrialFailed) as failed:
+        search.trial_function(config, None, "cpu", 1)
+    assert str(failed.value) == "TrainingDiverged: loss became nan in epoch 3"
+    assert reports == []

@@ -211,6 +211,19 @@ def test_train_command_writes_json(digits_root, tmp_path, capsys):
     assert metrics["target_domains"] == "cartoon" and metrics["epochs_run"] == 1
     assert "test_auroc" in capsys.readouterr().out
 
+    # "all": every leave-one-domain-out split, each one's figures and their means.
+    argv[argv.index("cartoon")] = "all"
+    assert train_main(argv) == 0
+    metrics = json.loads(out.read_text())
+    domains = ("photo", "sketch", "cartoon", "painting")
+    assert metrics["target_domains"] == ",".join(domains)
+    for key in ("test_acc", "test_auroc", "val_acc", "val_auroc"):
+        mean = sum(metrics[f"{d}/{key}"] for d in domains) / len(domains)
+        assert metrics[key] == pytest.approx(mean), key
+    assert metrics["objective"] == pytest.approx(
+        0.5 * metrics["val_acc"] + 0.5 * metrics["val_auroc"]
+    )
+
 
 def _replace(split, **changes):
     from dataclasses import replace
