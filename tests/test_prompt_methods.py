@@ -363,3 +363,13 @@ def test_contexts_that_cannot_be_built_fail_at_construction(
 ):
     with pytest.raises(ConfigError, match=message):
         build(name, tiny, digits_train, **overrides)
+
+
+def test_random_context_start_follows_the_trial_seed(tiny):
+    # It was pinned to seed 0, so a method's seeds varied only the few-shot data.
+    encoder = FrozenTextEncoder(tiny)
+    names = DIGIT_NAMES[:3]
+    starts = {s: PromptLearner(encoder, names, 4, seed=s).context.detach() for s in (0, 1)}
+    assert not torch.allclose(starts[0], starts[1])
+    assert torch.equal(PromptLearner(encoder, names, 4, seed=1).context.detach(), starts[1])
+    assert float(starts[1].std()) == pytest.approx(0.02, rel=0.3)

@@ -46,6 +46,7 @@ class CoOp(Method):
             init_words=hp["ctx_init"],
             class_specific=hp["class_specific"],
             class_position=hp["class_position"],
+            seed=hp["seed"],
         )
 
     def logits(self, features: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:

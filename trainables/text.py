@@ -124,7 +124,8 @@ class PromptLearner(nn.Module):
     context; must be M tokens), ``class_specific`` (one context per class, CSC) and
     ``class_position`` ("end", "middle": half the context on each side of the class name,
     "front": the class name first). ``learn_context=False`` fixes the context at zero, for
-    prompts generated entirely by the bias (DPLCLIP).
+    prompts generated entirely by the bias (DPLCLIP). Without init words the context starts
+    from N(0, init_std^2) drawn with ``seed``.
 
     ``forward(bias)`` returns text features [K, d]; with a bias it returns one prompt set per
     row, [B, K, d]: a bias [B, w] is added to every context vector (CoCoOp's meta-net), a bias
@@ -140,6 +141,7 @@ class PromptLearner(nn.Module):
         class_position: str = "end",
         init_std: float = 0.02,
         learn_context: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if n_ctx < 1:
@@ -204,7 +206,9 @@ class PromptLearner(nn.Module):
             if class_specific:
                 init = init.expand(self.n_classes, -1, -1).clone()
         else:
-            generator = torch.Generator().manual_seed(0)
+            # Its own generator, so the draw does not depend on what else used the global one;
+            # seeded by the trial, so seeds vary the context's start as CoOp's runs do.
+            generator = torch.Generator().manual_seed(seed)
             init = torch.randn(shape, generator=generator) * init_std
         self.context = nn.Parameter(init.to(embedded.dtype))
 
