@@ -108,6 +108,47 @@ def test_search_writes_parquet_and_mlflow_parent_child(tmp_path, weights, digits
     assert sorted(t.value for t in study.trials) == sorted(frame["objective"])
 
 
+def test_pareto_search_returns_the_validation_pareto_set(tmp_path, weights, digits_root):
+    body = CROFT_BODY.replace("num_samples: 3", "num_samples: 4").replace(
+        "objective: {joint: 0.5}\nsampler: random",
+        "objective: {pareto: {val_acc: max, val_fpr95: min}}\nsampler: nsga2",
+    )
+    space = load_space(str(write_space(tmp_path, "croft_pareto", weights, body)))
+    outcome = run_search(
+        space,
+        SearchOptions(
+            storage=tmp_path / "runs",
+            name="p",
+            tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+            data_root=str(digits_root),
+            cache_dir=str(tmp_path / "cache"),
+            verbose=0,
+        ),
+    )
+    frame = pd.read_parquet(outcome.folder / "trials.parquet")
+    assert len(frame) == 4 and set(frame["status"]) == {"ok"}
+    # The reported best is exactly the non-dominated set over (val_acc max, val_fpr95 min).
+    dominated = [
+        any(
+            o.val_acc >= r.val_acc and o.val_fpr95 <= r.val_fpr95
+            and (o.val_acc > r.val_acc or o.val_fpr95 < r.val_fpr95)
+            for o in frame.itertuples()
+        )
+        for r in frame.itertuples()
+    ]  # fmt: skip
+    expected = set(frame.loc[[not d for d in dominated], "trial_id"])
+    assert {row["trial_id"] for row in outcome.best} == expected
+    study = optuna.load_study(study_name="p", storage=f"sqlite:///{outcome.folder / 'optuna.db'}")
+    assert study.directions == [
+        optuna.study.StudyDirection.MAXIMIZE,
+        optuna.study.StudyDirection.MINIMIZE,
+    ]
+    done = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert sorted(tuple(t.values) for t in done) == sorted(
+        zip(frame["val_acc"], frame["val_fpr95"], strict=True)
+    )
+
+
 def test_failed_trial_is_recorded_and_the_search_goes_on(tmp_path, weights, digits_root):
     body = """method: coop
 fixed: {epochs: 1, shots: 2, views: 1}
