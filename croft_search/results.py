@@ -58,7 +58,7 @@ class TrialTable:
             "method": str(config.get("method", "")),
             "status": status,
             "error": error,
-            "seed": int(config.get("seed", 0)),
+            "seed": _seed(config),
             "selection": str(metrics.get("selection", config.get("selection", "val"))),
             "wall_seconds": float(wall_seconds),
             "train_seconds": float(metrics.get("train_seconds", float("nan"))),
@@ -92,9 +92,19 @@ class TrialTable:
                 kinds = {type(v) for v in frame[column] if v is not None and v == v}
                 if len(kinds) > 1:
                     frame[column] = frame[column].map(lambda v: None if v is None else str(v))
+        # Nullable: a trial averaging several seeds has none of its own (see _seed).
+        frame["seed"] = frame["seed"].astype("Int64")
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, self.path)
+
+
+def _seed(config: Mapping[str, Any]) -> int | None:
+    """The trial's seed: run_trial's default 0 when unset, None for a trial that averages
+    several seeds (they are in ``config/seeds``)."""
+    if "seed" in config:
+        return int(config["seed"])
+    return None if "seeds" in config else 0
 
 
 def _scalar(value: Any) -> Any:

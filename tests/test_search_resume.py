@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 from ray import cloudpickle, tune
 
@@ -122,3 +123,14 @@ def test_diverged_trial_fails_with_its_one_line_reason(reports, monkeypatch):
         search.trial_function(config, None, "cpu", 1)
     assert str(failed.value) == "TrainingDiverged: loss became nan in epoch 3"
     assert reports == []
+
+
+def test_a_trial_averaging_several_seeds_has_no_seed_of_its_own(tmp_path):
+    table = TrialTable(tmp_path, "s", "croft_digits")
+    table.add("one", {"method": "croft", "seed": 3}, {"objective": 0.5}, "ok")
+    table.add("avg", {"method": "croft", "seeds": [0, 1, 2]}, {"objective": 0.6}, "ok")
+    table.add("dflt", {"method": "croft"}, {"objective": 0.7}, "ok")
+    frame = pd.read_parquet(tmp_path / "trials.parquet").set_index("trial_id")
+    assert str(frame["seed"].dtype) == "Int64"
+    assert frame.loc["one", "seed"] == 3 and frame.loc["dflt", "seed"] == 0
+    assert pd.isna(frame.loc["avg", "seed"]) and frame.loc["avg", "config/seeds"] == "0,1,2"
