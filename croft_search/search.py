@@ -27,6 +27,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import torch
+import yaml
 
 from croft_search.errors import ConfigError, CroftError
 from croft_search.results import TRIALS_FILE, TrialTable
@@ -346,6 +347,24 @@ def _selection(space: SearchSpace, requested: str | None) -> str:
     return requested
 
 
+def _check_same_space(space: SearchSpace, folder: Path) -> None:
+    """A resumed search must be the search it continues: Ray restores its own copy of the
+    sampler and sample count, so another --num-samples, --set or an edited space file would
+    half apply (the stopper and table would follow it, the restored tuner would not)."""
+    saved_file = folder / "space.yaml"
+    if not saved_file.exists():
+        return
+    saved = yaml.safe_load(saved_file.read_text())
+    now = yaml.safe_load(space.to_yaml())
+    differing = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if differing:
+        raise ConfigError(
+            f"search {folder} was started with another space (differs in: "
+            f"{', '.join(differing)}); resume it with the same --space, --num-samples and --set "
+            "(its resolved space is space.yaml there), or start a new --name"
+        )
+
+
 def _gpus_per_trial(options: SearchOptions) -> float:
     if options.gpus_per_trial is not None:
         if options.gpus_per_trial < 0:
@@ -364,6 +383,8 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
 
     space = space.with_overrides(num_samples=options.num_samples, fixed_overrides=options.overrides)
     folder, name = _search_folder(space, options)
+    if options.resume:
+        _check_same_space(space, folder)
     gpus = _gpus_per_trial(options)
     if options.cpus_per_trial <= 0:
         raise ConfigError(f"--cpus-per-trial must be > 0, got {options.cpus_per_trial}")

@@ -54,3 +54,23 @@ def test_contradicting_selection_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--selection val contradicts it" in err[0]
     assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_resume_refuses_a_changed_space(tmp_path, capsys):
+    space_file = tmp_path / "plain.yaml"
+    space_file.write_text(PLAIN_SPACE)
+    space = load_space(str(space_file))
+    folder = tmp_path / "runs" / space.name / "r"
+    folder.mkdir(parents=True)
+    (folder / search.SEARCH_FILE).write_text("{}")
+    (folder / "space.yaml").write_text(space.to_yaml())
+    argv = ["--space", str(space_file), "--storage", str(tmp_path / "runs"), "--name", "r"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main([*argv, "--resume", "--num-samples", "9"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differs in: num_samples" in err[0]
+    # The same space passes the check (and goes on to load features: stop it there).
+    search._check_same_space(space, folder)
+    with pytest.raises(ConfigError, match="differs in: fixed"):
+        search._check_same_space(space.with_overrides(fixed_overrides={"lr": "0.01"}), folder)
