@@ -365,6 +365,18 @@ def _check_same_space(space: SearchSpace, folder: Path) -> None:
         )
 
 
+def _check_cluster_fits(cluster: dict[str, float], gpus: float, cpus: float) -> None:
+    """A trial asking for more GPUs or CPUs than the whole Ray cluster has never starts."""
+    have_gpus, have_cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
+    if gpus > 0 and have_gpus < gpus:
+        raise ConfigError(
+            f"--gpus-per-trial {gpus:g} but the Ray cluster has {have_gpus:g} GPU(s); "
+            "pass --gpus-per-trial 0 to run on CPUs"
+        )
+    if have_cpus < cpus:
+        raise ConfigError(f"--cpus-per-trial {cpus:g} but the Ray cluster has {have_cpus:g} CPU(s)")
+
+
 def _gpus_per_trial(options: SearchOptions) -> float:
     if options.gpus_per_trial is not None:
         if options.gpus_per_trial < 0:
@@ -406,38 +418,6 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         progress=True,
     )
 
-    folder.mkdir(parents=True, exist_ok=True)
-    if not options.resume:
-        tracker = SearchTracker(options.tracking_uri, space.name)
-        parent = tracker.start_parent(
-            name,
-            {
-                "space": space.name,
-                "num_samples": space.num_samples,
-                "sampler": space.sampler,
-                "selection": selection,
-                "gpus_per_trial": gpus,
-                "cpus_per_trial": options.cpus_per_trial,
-            },
-            space.to_yaml(),
-            None,
-        )
-        (folder / SEARCH_FILE).write_text(
-            json.dumps(
-                {
-                    "space": space.name,
-                    "name": name,
-                    "tracking_uri": tracker.tracking_uri,
-                    "mlflow_parent_run_id": parent,
-                    "created": dt.datetime.now().isoformat(),
-                    "selection": selection,
-                },
-                indent=2,
-            )
-        )
-        (folder / "space.yaml").write_text(space.to_yaml())
-    meta = json.loads((folder / SEARCH_FILE).read_text())
-
     ray.init(
         address=options.address,
         include_dashboard=False,
@@ -446,18 +426,56 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         logging_level="ERROR",
         ignore_reinit_error=True,
     )
-    threads = max(1, int(options.cpus_per_trial))
-    finished = _finished_rows(folder) if options.resume else {}
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            trial_function, resources=resources, device=device, threads=threads, finished=finished
-        ),
-        {"cpu": options.cpus_per_trial, "gpu": gpus},
-    )
-    recorder_class, stopper_class = _driver_callback_classes()
-    recorder = recorder_class(folder, space, name)
-    stopper = stopper_class(folder, space.num_samples)
     try:
+        # Before anything is written: a request no node can meet would wait forever.
+        _check_cluster_fits(ray.cluster_resources(), gpus, options.cpus_per_trial)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not options.resume:
+            tracker = SearchTracker(options.tracking_uri, space.name)
+            parent = tracker.start_parent(
+                name,
+                {
+                    "space": space.name,
+                    "num_samples": space.num_samples,
+                    "sampler": space.sampler,
+                    "selection": selection,
+                    "gpus_per_trial": gpus,
+                    "cpus_per_trial": options.cpus_per_trial,
+                },
+                space.to_yaml(),
+                None,
+            )
+            (folder / SEARCH_FILE).write_text(
+                json.dumps(
+                    {
+                        "space": space.name,
+                        "name": name,
+                        "tracking_uri": tracker.tracking_uri,
+                        "mlflow_parent_run_id": parent,
+                        "created": dt.datetime.now().isoformat(),
+                        "selection": selection,
+                    },
+                    indent=2,
+                )
+            )
+            (folder / "space.yaml").write_text(space.to_yaml())
+        meta = json.loads((folder / SEARCH_FILE).read_text())
+
+        threads = max(1, int(options.cpus_per_trial))
+        finished = _finished_rows(folder) if options.resume else {}
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                trial_function,
+                resources=resources,
+                device=device,
+                threads=threads,
+                finished=finished,
+            ),
+            {"cpu": options.cpus_per_trial, "gpu": gpus},
+        )
+        recorder_class, stopper_class = _driver_callback_classes()
+        recorder = recorder_class(folder, space, name)
+        stopper = stopper_class(folder, space.num_samples)
         if options.resume:
             tuner = tune.Tuner.restore(
                 str(folder), trainable, resume_unfinished=True, resume_errored=False

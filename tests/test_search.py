@@ -338,6 +338,27 @@ def test_run_command_bad_input_is_one_line(argv, message, tmp_path, capsys):
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
+def test_resources_the_cluster_lacks_are_refused_before_anything_is_written(
+    tmp_path, weights, digits_root, capsys
+):
+    space = write_space(tmp_path, "croft_fits", weights, CROFT_BODY)
+    common = ["--space", str(space), "--storage", str(tmp_path / "runs"), "--data-root",
+              str(digits_root), "--cache-dir", str(tmp_path / "cache"), "--tracking-uri",
+              f"sqlite:///{tmp_path / 'm.db'}"]  # fmt: skip
+    for extra, message in (
+        (["--gpus-per-trial", "0.5"], "--gpus-per-trial 0.5 but the Ray cluster has 0 GPU(s)"),
+        (["--cpus-per-trial", "64"], "--cpus-per-trial 64 but the Ray cluster has"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main([*common, *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err  # the first round also shows feature encoding
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and message in last and "Traceback" not in err, last
+    assert not (tmp_path / "runs" / "croft_fits").exists()
+
+
 def test_existing_search_needs_resume_or_a_new_name(tmp_path):
     (tmp_path / "runs" / "croft_digits" / "x").mkdir(parents=True)
     (tmp_path / "runs" / "croft_digits" / "x" / "search.json").write_text("{}")
