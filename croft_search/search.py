@@ -365,6 +365,21 @@ def _check_same_space(space: SearchSpace, folder: Path) -> None:
         )
 
 
+def _check_reachable(address: str) -> None:
+    """Fail at once on an address nothing listens at: ray.init keeps retrying it for
+    minutes. Only plain HOST:PORT (a head's GCS) is probed; "auto" and ray:// are Ray's."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
+            "`ray start --head` and pass the address it prints"
+        ) from None
+
+
 def _check_cluster_fits(cluster: dict[str, float], gpus: float, cpus: float) -> None:
     """A trial asking for more GPUs or CPUs than the whole Ray cluster has never starts."""
     have_gpus, have_cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
@@ -404,6 +419,8 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         raise ConfigError(f"--max-concurrent must be >= 1, got {options.max_concurrent}")
     device = "cuda" if gpus > 0 else "cpu"
     selection = _selection(space, options.selection)
+    if options.address:
+        _check_reachable(options.address)
 
     # Loading features first: a missing dataset or backbone fails here, before Ray starts.
     resources = TrialResources.load(

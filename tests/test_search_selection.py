@@ -1,8 +1,11 @@
-"""Which selection mode a search's trials record: the command line's when given, else the
-space's own; a space that selects by test metrics keeps its "oracle" label (it was once
-overwritten with the command line's default "val"). No Ray is started."""
+"""Checks a search makes before Ray starts: which selection mode its trials record (the
+command line's when given, else the space's own; a space that selects by test metrics keeps
+its "oracle" label, once overwritten with the command line's default "val"), a resumed
+search's space, and a cluster address nothing answers at."""
 
 from __future__ import annotations
+
+import socket
 
 import optuna
 import pytest
@@ -74,3 +77,18 @@ def test_resume_refuses_a_changed_space(tmp_path, capsys):
     search._check_same_space(space, folder)
     with pytest.raises(ConfigError, match="differs in: fixed"):
         search._check_same_space(space.with_overrides(fixed_overrides={"lr": "0.01"}), folder)
+
+
+def test_an_address_nothing_answers_at_fails_at_once(tmp_path, capsys):
+    with socket.socket() as probe:  # a loopback port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    space_file = tmp_path / "plain.yaml"
+    space_file.write_text(PLAIN_SPACE)
+    argv = ["--space", str(space_file), "--storage", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main([*argv, "--address", f"127.0.0.1:{port}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"no Ray cluster answers at 127.0.0.1:{port}" in err[0]
+    assert not (tmp_path / "runs").exists()
