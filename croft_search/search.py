@@ -210,8 +210,8 @@ def _driver_callback_classes():
                 return
             if len(self.table) >= self.total:
                 # A surplus trial of a resumed search, finished in the same step as the
-                # last requested one: the search is complete without it.
-                self.tracker.discard_unrecorded(self.table.trial_ids)
+                # last requested one: the search is complete without it (its child run is
+                # discarded with the other unrecorded ones when the search ends).
                 return
             metrics = {k: v for k, v in result.items() if _is_metric(k)}
             run_id = self.tracker.finish_trial(trial.trial_id, trial.config, metrics, status, error)

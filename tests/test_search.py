@@ -57,6 +57,19 @@ num_samples: 3
 """
 
 
+def search_here(space, tmp_path: Path, digits_root: Path, name: str, uri: str):
+    """One in-process search of ``space`` with everything under ``tmp_path``."""
+    options = SearchOptions(
+        storage=tmp_path / "runs",
+        name=name,
+        tracking_uri=uri,
+        data_root=str(digits_root),
+        cache_dir=str(tmp_path / "cache"),
+        verbose=0,
+    )
+    return run_search(space, options)
+
+
 def children(tracking_uri: str, experiment: str, parent: str):
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
@@ -67,17 +80,7 @@ def children(tracking_uri: str, experiment: str, parent: str):
 def test_search_writes_parquet_and_mlflow_parent_child(tmp_path, weights, digits_root):
     space = load_space(str(write_space(tmp_path, "croft_tiny", weights, CROFT_BODY)))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    outcome = run_search(
-        space,
-        SearchOptions(
-            storage=tmp_path / "runs",
-            name="s1",
-            tracking_uri=uri,
-            data_root=str(digits_root),
-            cache_dir=str(tmp_path / "cache"),
-            verbose=0,
-        ),
-    )
+    outcome = search_here(space, tmp_path, digits_root, "s1", uri)
     frame = pd.read_parquet(outcome.folder / "trials.parquet")
     assert len(frame) == 3 and frame["trial_id"].is_unique
     # Results live in trials.parquet and MLflow only; Ray Tune's own per-trial result files
@@ -114,17 +117,7 @@ def test_pareto_search_returns_the_validation_pareto_set(tmp_path, weights, digi
         "objective: {pareto: {val_acc: max, val_fpr95: min}}\nsampler: nsga2",
     )
     space = load_space(str(write_space(tmp_path, "croft_pareto", weights, body)))
-    outcome = run_search(
-        space,
-        SearchOptions(
-            storage=tmp_path / "runs",
-            name="p",
-            tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
-            data_root=str(digits_root),
-            cache_dir=str(tmp_path / "cache"),
-            verbose=0,
-        ),
-    )
+    outcome = search_here(space, tmp_path, digits_root, "p", f"sqlite:///{tmp_path / 'm.db'}")
     frame = pd.read_parquet(outcome.folder / "trials.parquet")
     assert len(frame) == 4 and set(frame["status"]) == {"ok"}
     # The reported best is exactly the non-dominated set over (val_acc max, val_fpr95 min).
@@ -159,17 +152,7 @@ sampler: grid
 scheduler: none
 """  # n_ctx 13 plus a class name does not fit tiny-digits' 16-token context: that trial fails
     space = load_space(str(write_space(tmp_path, "coop_tiny", weights, body)))
-    outcome = run_search(
-        space,
-        SearchOptions(
-            storage=tmp_path / "runs",
-            name="f",
-            tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
-            data_root=str(digits_root),
-            cache_dir=str(tmp_path / "cache"),
-            verbose=0,
-        ),
-    )
+    outcome = search_here(space, tmp_path, digits_root, "f", f"sqlite:///{tmp_path / 'm.db'}")
     frame = pd.read_parquet(outcome.folder / "trials.parquet").set_index("config/n_ctx")
     assert frame.loc[4, "status"] == "ok" and frame.loc[13, "status"] == "failed"
     assert "context length" in frame.loc[13, "error"]
