@@ -15,7 +15,7 @@ from croft_search.backbones import load_backbone
 from croft_search.errors import ConfigError
 from croft_search.train import main as train_main
 from trainables.base import HParam, Method
-from trainables.loop import TrainingDiverged, learning_rate
+from trainables.loop import TrainingDiverged, build_optimizer, fusable, learning_rate
 from trainables.registry import get_method, register_method, resolve_hparams
 from trainables.trial import TrialResources, run_trial
 
@@ -147,6 +147,30 @@ def test_learning_rate_schedule_warmup_then_cosine():
     assert learning_rate(0, hp) == 1e-5
     assert learning_rate(1, hp) == pytest.approx(0.1)
     assert learning_rate(3, hp) == pytest.approx(0.05 * (1 + math.cos(math.pi / 2)))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimiser_steps_like_the_default_one(name):
+    hp = {**resolve_hparams("croft", {"optimizer": name, "weight_decay": 0.01}), "lr": 0.1}
+    start = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    fused_weight, plain_weight = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    fused = build_optimizer([fused_weight], hp)
+    assert fused.defaults["fused"] is True
+    settings = {k: v for k, v in fused.defaults.items() if k != "decoupled_weight_decay"}
+    plain = type(fused)([plain_weight], **{**settings, "fused": None})
+    for step in range(3):
+        for weight, optimizer in ((fused_weight, fused), (plain_weight, plain)):
+            weight.grad = (step + 1.0) * weight.detach()
+            optimizer.step()
+    torch.testing.assert_close(fused_weight.detach(), plain_weight.detach())
+    assert (fused_weight.detach() - start).abs().max() > 1e-3
+
+
+def test_only_same_device_floating_parameters_are_fused():
+    assert fusable([torch.zeros(2), torch.zeros(2, dtype=torch.float64)])
+    assert not fusable([torch.zeros(2, dtype=torch.long)])
+    assert not fusable([torch.zeros(2), torch.zeros(2, device="meta")])
+    assert not fusable([torch.zeros(2, device="meta")])
 
 
 @pytest.mark.parametrize(

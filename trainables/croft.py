@@ -14,12 +14,13 @@ adapters (see shared/docs/METHODS.md, "CRoFT"). Written from the paper's equatio
                                              summed (edr_reduction="sum") or averaged
     loss = CE(L, y) + shift term + lambda2 * (Le(x) + Le(xc))
 
-Training writes dE/dtheta out by the chain rule (`energy_gradients`) and lets autograd
-differentiate that once more: the second derivative the paper's double backward takes, equal
-in value and gradient to ``autograd.grad(E, theta, create_graph=True)`` (`edr_penalty`, which
-the tests hold it to), without building the energy's backward graph and differentiating it
-again; the generator's inner step uses its gradient in closed form the same way. Together
-they took a CRoFT trial on cached features from 0.97 s to about 0.8 s (bench/trial_speed.py).
+Training never builds the energy's backward graph to differentiate it again: the EDR term
+is one autograd node (`edr_closed_form`) whose forward writes dE/dtheta out by the chain rule
+and takes its squared norm in Gram form (B x B products, not d x d ones), and whose backward
+is that chain differentiated by hand; in value and gradient it is what the paper's double
+backward ``autograd.grad(E, theta, create_graph=True)`` gives (`edr_penalty`, which the
+tests hold it to). The logits and the energy share one x @ t.T, and the generator's inner
+step uses its gradient in closed form. bench/trial_speed.py times the effect.
 
 Switches, all plain hyper-parameters so a search grid can express the paper's ablations:
 - lambda1 = 0 turns the generator off entirely (no parameter, no loss, no inner steps).
@@ -49,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.base import HParam, Method, MethodContext
+from trainables.loop import fusable
 from trainables.registry import register_method
 from trainables.text import PromptLearner
 
@@ -156,48 +158,222 @@ def generator_gradient(
 @dataclass(frozen=True)
 class AdapterPass:
     """One forward pass through both adapters, with what the closed-form energy gradient
-    needs: the raw inputs of each adapter and the normalised outputs with their norms."""
+    needs: the raw inputs of each adapter, the normalised outputs with their norms, and
+    ``similarity = x @ t.T``, which the logits and the energy share."""
 
     features: torch.Tensor  # raw image features f
     raw_text: torch.Tensor  # template or prompt text features g
     image: Unit  # n(adapt(f, Wi, ri))
     text: Unit  # n(adapt(g, Wt, rt))
+    similarity: torch.Tensor  # image.value @ text.value.T
 
 
-def energy_gradients(
-    passed: AdapterPass,
-    ratios: tuple[float, float],
-    trained: tuple[bool, bool],
-    aggregate: str = "sum",
-    shifted: tuple[Unit, torch.Tensor] | None = None,
-) -> list[torch.Tensor]:
-    """dE/dWi and dE/dWt (those that train) written out by the chain rule, as ordinary
-    differentiable tensors: the same values as ``torch.autograd.grad(E, theta,
-    create_graph=True)`` (tests check both the values and their gradients), at a fraction of
-    the cost, since the energy's backward graph is not built and then differentiated again.
+@dataclass(frozen=True)
+class ShiftedPass:
+    """The generator's shifted features ``n(x @ G + x)``, the ``G`` they came from and their
+    similarity to the text features (shared by the shifted logits and energy)."""
 
-    With ``shifted = (n(x @ G + x), G)`` the energy is that of the shifted features, and the
-    gradient runs back through the generator to the image adapter.
+    moved: Unit
+    generator: torch.Tensor
+    similarity: torch.Tensor
 
-    For E = sum exp(x . t) (or its mean): dE/dx = P t and dE/dt = P^T x with P = exp(x t^T);
-    through the normalisation u -> u/|u| and the adapter u = f + ri (f Wi^T - f),
-    dE/dWi = ri * (dE/du)^T f, and likewise for the text side."""
-    image = passed.image.value if shifted is None else shifted[0].value
-    text = passed.text.value
-    weights = torch.exp(image @ text.T)
-    if aggregate == "mean":
-        weights = weights / weights.numel()
-    grad_image, grad_text = weights @ text, weights.T @ image
-    if shifted is not None:
-        moved, generator = shifted
-        grad_moved = moved.pullback(grad_image)
-        grad_image = grad_moved @ generator.T + grad_moved
-    grads = []
-    if trained[0]:
-        grads.append(ratios[0] * passed.image.pullback(grad_image).T @ passed.features)
-    if trained[1]:
-        grads.append(ratios[1] * passed.text.pullback(grad_text).T @ passed.raw_text)
-    return grads
+
+@dataclass(frozen=True)
+class EDRSpec:
+    """What the EDR penalty differentiates and how it reduces: the adapter ratios, which
+    adapters train, the energy's aggregate and the squares' reduction."""
+
+    ratios: tuple[float, float]
+    trained: tuple[bool, bool]
+    aggregate: str = "sum"
+    reduction: str = "sum"
+
+
+def edr_closed_form(
+    passed: AdapterPass, spec: EDRSpec, shifted: ShiftedPass | None = None
+) -> torch.Tensor:
+    """``|| dE / d(Wi, Wt) ||^2`` for the energy of the ID features plus, with ``shifted``,
+    that of the shifted features: in value and gradient what ``edr_penalty`` computes by
+    double backward (tests hold the two together), as one autograd node."""
+    moved = (None, None, None, None) if shifted is None else (
+        shifted.similarity, shifted.moved.value, shifted.moved.norm, shifted.generator
+    )  # fmt: skip
+    return _ClosedFormEDR.apply(
+        passed.similarity,
+        passed.image.value,
+        passed.image.norm,
+        passed.text.value,
+        passed.text.norm,
+        passed.raw_text,
+        passed.features,
+        *moved,
+        spec,
+    )
+
+
+def _pull_back(
+    grad: torch.Tensor,
+    pulled: torch.Tensor,
+    raw: torch.Tensor,
+    unit_value: torch.Tensor,
+    norm: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``pulled = (raw - w (w . raw)) / n`` (`Unit.pullback`) row by row: the
+    gradients with respect to ``raw``, ``w`` and ``n`` from the gradient of ``pulled``."""
+    scaled = grad / norm
+    along = (unit_value * scaled).sum(-1, keepdim=True)
+    grad_raw = scaled - unit_value * along
+    grad_unit = -((unit_value * raw).sum(-1, keepdim=True) * scaled + along * raw)
+    grad_norm = -(scaled * pulled).sum(-1, keepdim=True)
+    return grad_raw, grad_unit, grad_norm
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    if value is None:
+        return total
+    return value if total is None else total + value
+
+
+class _ClosedFormEDR(torch.autograd.Function):
+    """The EDR penalty with its backward written out.
+
+    Forward, per energy (ID: z = x, S = x t^T; shifted: z = xc, S = xc t^T), with
+    P = exp(S) (divided by its size for the mean energy), unit(u) = x, unit(v) = t:
+        dE/du = pull_x(P t)                      or, shifted,
+                pull_x(a (G^T + I)), a = pull_xc(P t)
+        dE/dv = pull_t(P^T z)
+        dE/dWi = ri (dE/du)^T f, dE/dWt = rt (dE/dv)^T g
+        Le = ri^2 <A A^T, f f^T> + rt^2 <B B^T, g g^T>   (A = dE/du, B = dE/dv)
+    the Gram form of || dE/dWi ||^2 + || dE/dWt ||^2, B x B products instead of d x d ones.
+    Backward runs the same chain in reverse by hand and hands autograd the gradients with
+    respect to S, x, |u|, t, |v|, g (learned prompts) and, shifted, xc, |m| and G, so the
+    products shared with the logits (S, x, t) are differentiated once."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        similarity: torch.Tensor,
+        image: torch.Tensor,
+        image_norm: torch.Tensor,
+        text: torch.Tensor,
+        text_norm: torch.Tensor,
+        raw_text: torch.Tensor,
+        features: torch.Tensor,
+        moved_similarity: torch.Tensor | None,
+        moved: torch.Tensor | None,
+        moved_norm: torch.Tensor | None,
+        generator: torch.Tensor | None,
+        spec: EDRSpec,
+    ) -> torch.Tensor:
+        (ri, rt), (train_image, train_text) = spec.ratios, spec.trained
+        image_unit, text_unit = Unit(image, image_norm), Unit(text, text_norm)
+        grams = (
+            features @ features.T if train_image else None,
+            raw_text @ raw_text.T if train_text else None,
+        )
+        energies = [(similarity, image, None, None)]
+        if moved is not None:
+            energies.append((moved_similarity, moved, moved_norm, generator))
+        saved, total = [], similarity.new_zeros(())
+        for energy_similarity, z, z_norm, shift_matrix in energies:
+            weights = torch.exp(energy_similarity)
+            if spec.aggregate == "mean":
+                weights = weights / weights.numel()
+            toward_text, toward_image = weights @ text, weights.T @ z
+            inner = None
+            if shift_matrix is not None:
+                inner = Unit(z, z_norm).pullback(toward_text)
+                toward_text_at_x = inner @ shift_matrix.T + inner
+            else:
+                toward_text_at_x = toward_text
+            grad_u = image_unit.pullback(toward_text_at_x) if train_image else None
+            grad_v = text_unit.pullback(toward_image) if train_text else None
+            if grad_u is not None:
+                total = total + ri**2 * ((grad_u @ grad_u.T) * grams[0]).sum()
+            if grad_v is not None:
+                total = total + rt**2 * ((grad_v @ grad_v.T) * grams[1]).sum()
+            saved.append(
+                (weights, toward_text, toward_image, inner, toward_text_at_x, grad_u, grad_v)
+            )
+        scale = 1.0
+        if spec.reduction == "mean":
+            scale = 1.0 / (image.shape[-1] ** 2 * sum(spec.trained))
+        ctx.spec, ctx.scale, ctx.grams, ctx.saved = spec, scale, grams, saved
+        ctx.save_for_backward(
+            image, image_norm, text, text_norm, raw_text, moved, moved_norm, generator
+        )
+        return total * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        image, image_norm, text, text_norm, raw_text, moved, moved_norm, generator = (
+            ctx.saved_tensors
+        )
+        spec: EDRSpec = ctx.spec
+        (ri, rt) = spec.ratios
+        weight = grad_output * ctx.scale
+        feature_gram, text_gram = ctx.grams
+        grad_image = grad_image_norm = grad_text = grad_text_norm = grad_raw_text = None
+        grad_moved = grad_moved_norm = grad_generator = None
+        grad_similarities: list[torch.Tensor] = []
+        zs = [(image, None, None)]
+        if moved is not None:
+            zs.append((moved, moved_norm, generator))
+        for (z, z_norm, shift_matrix), saved in zip(zs, ctx.saved, strict=True):
+            weights, toward_text, toward_image, inner, toward_text_at_x, grad_u, grad_v = saved
+            grad_weights = None
+            grad_z = None
+            if grad_u is not None:
+                upstream = (2 * ri**2) * weight * (feature_gram @ grad_u)
+                grad_at_x, grad_x, grad_xn = _pull_back(
+                    upstream, grad_u, toward_text_at_x, image, image_norm
+                )
+                grad_image = _add(grad_image, grad_x)
+                grad_image_norm = _add(grad_image_norm, grad_xn)
+                if shift_matrix is not None:
+                    if ctx.needs_input_grad[10]:
+                        grad_generator = _add(grad_generator, grad_at_x.T @ inner)
+                    grad_inner = grad_at_x @ shift_matrix + grad_at_x
+                    grad_at_x, grad_zz, grad_zn = _pull_back(
+                        grad_inner, inner, toward_text, z, z_norm
+                    )
+                    grad_z = _add(grad_z, grad_zz)
+                    grad_moved_norm = _add(grad_moved_norm, grad_zn)
+                grad_weights = grad_at_x @ text.T
+                grad_text = _add(grad_text, weights.T @ grad_at_x)
+            if grad_v is not None:
+                upstream = (2 * rt**2) * weight * (text_gram @ grad_v)
+                if ctx.needs_input_grad[5]:
+                    grad_raw_text = _add(
+                        grad_raw_text, (2 * rt**2) * weight * ((grad_v @ grad_v.T) @ raw_text)
+                    )
+                grad_at_t, grad_t, grad_tn = _pull_back(
+                    upstream, grad_v, toward_image, text, text_norm
+                )
+                grad_text = _add(grad_text, grad_t)
+                grad_text_norm = _add(grad_text_norm, grad_tn)
+                grad_weights = _add(grad_weights, z @ grad_at_t.T)
+                grad_z = _add(grad_z, weights @ grad_at_t)
+            grad_similarities.append(grad_weights * weights)
+            if shift_matrix is None:
+                grad_image = _add(grad_image, grad_z)
+            else:
+                grad_moved = _add(grad_moved, grad_z)
+        grad_moved_similarity = grad_similarities[1] if moved is not None else None
+        return (
+            grad_similarities[0],
+            grad_image,
+            grad_image_norm,
+            grad_text,
+            grad_text_norm,
+            grad_raw_text,
+            None,
+            grad_moved_similarity,
+            grad_moved,
+            grad_moved_norm,
+            grad_generator,
+            None,
+        )
 
 
 @register_method
@@ -288,9 +464,8 @@ class CRoFT(Method):
 
     def adapter_pass(self, features: torch.Tensor) -> AdapterPass:
         raw_text = self.raw_text()
-        return AdapterPass(
-            features, raw_text, self._image_unit(features), self._text_unit(raw_text)
-        )
+        image, text = self._image_unit(features), self._text_unit(raw_text)
+        return AdapterPass(features, raw_text, image, text, image.value @ text.value.T)
 
     def _image_unit(self, features: torch.Tensor) -> Unit:
         return unit(adapt(features, self.image_adapter, self.ratio_image))
@@ -315,7 +490,9 @@ class CRoFT(Method):
 
     def setup(self) -> None:
         if self.worst_case:
-            self._generator_optimizer = torch.optim.SGD([self.generator], lr=self.hp["gen_lr"])
+            self._generator_optimizer = torch.optim.SGD(
+                [self.generator], lr=self.hp["gen_lr"], fused=fusable([self.generator])
+            )
 
     def before_step(
         self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
@@ -343,36 +520,28 @@ class CRoFT(Method):
         side (the text encoder when n_ctx > 0) runs once per step."""
         passed = self.adapter_pass(features)
         image, text = passed.image.value, passed.text.value
-        logits = self.logit_scale * image @ text.T
+        logits = self.logit_scale * passed.similarity
         terms: dict[str, torch.Tensor] = {}
-        shifted: tuple[Unit, torch.Tensor] | None = None
+        shifted: ShiftedPass | None = None
         if self.use_generator:
             # Worst case: the adapters play against a fixed G; joint: G trains here too.
             generator = self.generator.detach() if self.worst_case else self.generator
-            shifted = (shift(image, generator), generator)
-            moved = shifted[0].value
-            similarity = same_class_similarity(moved, image, labels)
+            moved = shift(image, generator)
+            shifted = ShiftedPass(moved, generator, moved.value @ text.T)
+            similarity = same_class_similarity(moved.value, image, labels)
             sign = -1.0 if self.worst_case else 1.0
-            shifted_ce = F.cross_entropy(self.logit_scale * moved @ text.T, labels)
+            shifted_ce = F.cross_entropy(self.logit_scale * shifted.similarity, labels)
             terms["shift"] = shifted_ce + sign * self.lambda1 * similarity
         if self.lambda2 > 0 and self.adapter_parameters():
-            penalty = self._edr(passed)
-            if self.edr_on_shifted and shifted is not None:
-                penalty = penalty + self._edr(passed, shifted)
-            terms["edr"] = self.lambda2 * penalty
+            spec = EDRSpec(
+                (self.ratio_image, self.ratio_text),
+                (self.image_adapter.requires_grad, self.text_adapter.requires_grad),
+                self.edr_energy,
+                self.edr_reduction,
+            )
+            on_shifted = shifted if self.edr_on_shifted else None
+            terms["edr"] = self.lambda2 * edr_closed_form(passed, spec, on_shifted)
         return logits, terms
-
-    def _edr(
-        self, passed: AdapterPass, shifted: tuple[Unit, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        grads = energy_gradients(
-            passed,
-            (self.ratio_image, self.ratio_text),
-            (self.image_adapter.requires_grad, self.text_adapter.requires_grad),
-            self.edr_energy,
-            shifted,
-        )
-        return _squared_norm(grads, self.edr_reduction)
 
     def extra_losses(
         self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
