@@ -1,7 +1,9 @@
 """Benchmark: one CRoFT trial trained from the feature cache against the same trial done the
 reference way, where every batch's images go through the frozen image encoder at every step
 (decode, augment, encode). Both sides run the same method, shared loop, seed and batches, and
-the same evaluation; only where the training features come from differs.
+the same evaluation; only where the training features come from differs. The two sides take
+turns for ``--rounds`` rounds, so a change in this machine's speed hits both alike; the
+ratio is that of their medians.
 
     python bench/trial_speed.py [--method croft] [--target-domain photo] [--epochs 30]
     python bench/trial_speed.py --backbone ViT-B-16 --pretrained random --epochs 3 --views 1
@@ -14,6 +16,7 @@ weights encode exactly as fast as trained ones), for contrast with the tiny embe
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (a search trial gets its CPUs' worth)"
     )
+    parser.add_argument("--rounds", type=int, default=3, help="cached/re-encoding pairs timed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -112,21 +116,39 @@ def main() -> None:
         cached_data.domains,
     )
 
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     timed_trial(args.method, hp, resources, split, cached_data)  # warm-up: first-call overheads
-    cached_seconds, cached = timed_trial(args.method, hp, resources, split, cached_data)
-    reference_seconds, reference = timed_trial(args.method, hp, resources, split, reference_data)
+    cached_times, reference_times = [], []
+    for _ in range(args.rounds):
+        seconds, cached = timed_trial(args.method, hp, resources, split, cached_data)
+        cached_times.append(seconds)
+        seconds, reference = timed_trial(args.method, hp, resources, split, reference_data)
+        reference_times.append(seconds)
+    cached_seconds = statistics.median(cached_times)
+    reference_seconds = statistics.median(reference_times)
+    images_per_trial = on_the_fly.images_encoded // args.rounds
 
     print(
         f"{args.method} trial on {args.dataset}, target {args.target_domain}: {hp['epochs']} "
         f"epochs, {hp['shots']} shots ({len(cached_data)} training images), "
         f"{torch.get_num_threads()} threads, backbone {resources.backbone.identity}"
     )
-    print(f"from cached features: {cached_seconds:8.2f} s   test acc {cached['test_acc']:.3f}")
+    print(
+        f"from cached features: {cached_seconds:8.2f} s   test acc {cached['test_acc']:.3f}"
+        f"   (median of {_seconds(cached_times)})"
+    )
     print(
         f"encoding every step:  {reference_seconds:8.2f} s   test acc {reference['test_acc']:.3f}"
-        f"   ({on_the_fly.images_encoded} images decoded, augmented and encoded)"
+        f"   (median of {_seconds(reference_times)}; {images_per_trial} images decoded,"
+        " augmented and encoded a trial)"
     )
-    print(f"speed-up of the cache: {reference_seconds / cached_seconds:.1f}x")
+    ratios = ", ".join(f"{r / c:.1f}x" for c, r in zip(cached_times, reference_times, strict=True))
+    print(f"speed-up of the cache: {reference_seconds / cached_seconds:.1f}x   (rounds: {ratios})")
+
+
+def _seconds(times: list[float]) -> str:
+    return ", ".join(f"{t:.2f}" for t in times) + " s"
 
 
 if __name__ == "__main__":

@@ -161,11 +161,6 @@ class Method(nn.Module):
         ``index`` are the rows of the batch in the training set."""
         return labels
 
-    def before_step(
-        self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
-    ) -> None:
-        """Runs before each optimiser step of the main parameters (CRoFT's generator)."""
-
     def training_loss(
         self,
         features: torch.Tensor,

@@ -481,7 +481,7 @@ class CRoFT(Method):
 
     # -- training -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        # In the worst-case branch the generator has its own optimiser (before_step).
+        # In the worst-case branch the generator has its own optimiser (_step_generator).
         return [
             p
             for p in self.parameters()
@@ -494,16 +494,14 @@ class CRoFT(Method):
                 [self.generator], lr=self.hp["gen_lr"], fused=fusable([self.generator])
             )
 
-    def before_step(
-        self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
-    ) -> None:
-        """The generator's inner steps: keep the class, move away from same-class ID
-        features (CE(s*xc@t.T) + lambda1*Lc), with the adapters frozen."""
+    def _step_generator(self, passed: AdapterPass, labels: torch.Tensor) -> None:
+        """The generator's inner steps before the main step: keep the class, move away from
+        same-class ID features (CE(s*xc@t.T) + lambda1*Lc), with the adapters frozen. They
+        reuse the main step's adapter outputs, which G's steps do not change."""
         if not self.worst_case or self._generator_optimizer is None:
             return
+        image, text = passed.image.value.detach(), passed.text.value.detach()
         with torch.no_grad():
-            image = self.image_features(features)
-            text = self.text_features()
             for _ in range(self.gen_steps):
                 # The gradient in closed form: the adapters are frozen here, so it needs no
                 # graph (a test checks it against autograd on the loss above).
@@ -514,11 +512,14 @@ class CRoFT(Method):
         self.generator.grad = None
 
     def _objective(
-        self, features: torch.Tensor, labels: torch.Tensor
+        self, features: torch.Tensor, labels: torch.Tensor, step_generator: bool = False
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(logits, weighted regularisers) from one pass over the adapters, so the text
-        side (the text encoder when n_ctx > 0) runs once per step."""
+        side (the text encoder when n_ctx > 0) runs once per step; with
+        ``step_generator`` (training) the generator takes its inner steps first."""
         passed = self.adapter_pass(features)
+        if step_generator:
+            self._step_generator(passed, labels)
         image, text = passed.image.value, passed.text.value
         logits = self.logit_scale * passed.similarity
         terms: dict[str, torch.Tensor] = {}
@@ -551,8 +552,9 @@ class CRoFT(Method):
     def training_loss(
         self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        # Same value as the base class's CE(logits) + sum(extra_losses), computed in one pass.
-        logits, terms = self._objective(features, labels)
+        # CE(logits) + sum(extra_losses) as in the base class, computed in one pass, after
+        # the generator's inner steps in the worst-case branch.
+        logits, terms = self._objective(features, labels, step_generator=True)
         loss = F.cross_entropy(logits, labels)
         parts = {"ce": float(loss.detach())}
         for key, value in terms.items():

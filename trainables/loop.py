@@ -82,7 +82,6 @@ def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterato
             features = data.views[index, view].to(device)
             labels = method.targets(data.labels[index], index).to(device)
             domains = data.domains[index].to(device)
-            method.before_step(features, labels, domains)
             loss, parts = method.training_loss(features, labels, domains)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss became {float(loss.detach())} in epoch {epoch}")
