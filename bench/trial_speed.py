@@ -8,6 +8,7 @@ ratio is that of their medians.
     python bench/trial_speed.py [--method croft] [--target-domain photo] [--epochs 30]
     python bench/trial_speed.py --backbone ViT-B-16 --pretrained random --epochs 3 --views 1
     python bench/trial_speed.py --set lambda1=0 --set lambda2=0   # CRoFT without its parts
+    python bench/trial_speed.py --count-ops   # also PyTorch operations per training step
 
 The second form times the same comparison with a real CLIP-sized image encoder (random
 weights encode exactly as fast as trained ones), for contrast with the tiny embedded model.
@@ -16,10 +17,12 @@ weights encode exactly as fast as trained ones), for contrast with the tiny embe
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from croft_search.data import get_dataset_spec, load_image, sample_few_shot
 from croft_search.features import SplitFeatures
@@ -86,7 +89,14 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (a search trial gets its CPUs' worth)"
     )
     parser.add_argument("--rounds", type=int, default=3, help="cached/re-encoding pairs timed")
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="also count the PyTorch operations of one cached training step (view ops included)",
+    )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     torch.set_num_threads(args.threads)
 
     overrides = {"epochs": args.epochs, "shots": args.shots, **parse_assignments(args.set)}
@@ -116,8 +126,6 @@ def main() -> None:
         cached_data.domains,
     )
 
-    if args.rounds < 1:
-        parser.error("--rounds must be at least 1")
     timed_trial(args.method, hp, resources, split, cached_data)  # warm-up: first-call overheads
     cached_times, reference_times = [], []
     for _ in range(args.rounds):
@@ -145,6 +153,32 @@ def main() -> None:
     )
     ratios = ", ".join(f"{r / c:.1f}x" for c, r in zip(cached_times, reference_times, strict=True))
     print(f"speed-up of the cache: {reference_seconds / cached_seconds:.1f}x   (rounds: {ratios})")
+    steps = hp["epochs"] * math.ceil(len(cached_data) / hp["batch_size"])
+    print(f"cached trial per training step: {1000 * cached_seconds / steps:.2f} ms ({steps} steps)")
+    if args.count_ops:
+        per_step = operations_per_step(args.method, hp, resources, split, cached_data)
+        print(f"PyTorch operations a cached training step: {per_step:.0f}")
+
+
+class _OperationCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def operations_per_step(
+    method: str, hp: dict, resources: TrialResources, split: SplitFeatures, data: TrainData
+) -> float:
+    """ATen operations (forward, backward, optimiser) per training step over one epoch."""
+    one_epoch = {**hp, "epochs": 1}
+    model = build_method(method, one_epoch, resources, split, data, torch.device("cpu"))
+    with _OperationCounter() as counter:
+        train(model, data, one_epoch)
+    return counter.count / math.ceil(len(data) / hp["batch_size"])
 
 
 def _seconds(times: list[float]) -> str:

@@ -293,12 +293,15 @@ class _ClosedFormEDR(torch.autograd.Function):
             if grad_v is not None:
                 total = total + rt**2 * ((grad_v @ grad_v.T) * grams[1]).sum()
             saved.append(
-                (weights, toward_text, toward_image, inner, toward_text_at_x, grad_u, grad_v)
+                (z, z_norm, shift_matrix, weights, toward_text, toward_image, inner)
+                + (toward_text_at_x, grad_u, grad_v)
             )
         scale = 1.0
         if spec.reduction == "mean":
             scale = 1.0 / (image.shape[-1] ** 2 * sum(spec.trained))
         ctx.spec, ctx.scale, ctx.grams, ctx.saved = spec, scale, grams, saved
+        # The shifted inputs ride in ctx.saved with their energy; saving them here as well
+        # lets autograd catch an in-place change to G before the backward.
         ctx.save_for_backward(
             image, image_norm, text, text_norm, raw_text, moved, moved_norm, generator
         )
@@ -306,9 +309,7 @@ class _ClosedFormEDR(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        image, image_norm, text, text_norm, raw_text, moved, moved_norm, generator = (
-            ctx.saved_tensors
-        )
+        image, image_norm, text, text_norm, raw_text, *_ = ctx.saved_tensors
         spec: EDRSpec = ctx.spec
         (ri, rt) = spec.ratios
         weight = grad_output * ctx.scale
@@ -316,11 +317,9 @@ class _ClosedFormEDR(torch.autograd.Function):
         grad_image = grad_image_norm = grad_text = grad_text_norm = grad_raw_text = None
         grad_moved = grad_moved_norm = grad_generator = None
         grad_similarities: list[torch.Tensor] = []
-        zs = [(image, None, None)]
-        if moved is not None:
-            zs.append((moved, moved_norm, generator))
-        for (z, z_norm, shift_matrix), saved in zip(zs, ctx.saved, strict=True):
-            weights, toward_text, toward_image, inner, toward_text_at_x, grad_u, grad_v = saved
+        for saved in ctx.saved:
+            z, z_norm, shift_matrix, weights, toward_text, toward_image, inner = saved[:7]
+            toward_text_at_x, grad_u, grad_v = saved[7:]
             grad_weights = None
             grad_z = None
             if grad_u is not None:
@@ -359,7 +358,7 @@ class _ClosedFormEDR(torch.autograd.Function):
                 grad_image = _add(grad_image, grad_z)
             else:
                 grad_moved = _add(grad_moved, grad_z)
-        grad_moved_similarity = grad_similarities[1] if moved is not None else None
+        grad_moved_similarity = grad_similarities[1] if len(grad_similarities) > 1 else None
         return (
             grad_similarities[0],
             grad_image,
