@@ -16,14 +16,13 @@ from croft_search.data import get_dataset_spec, load_domain_split, load_image, s
 from croft_search.errors import ConfigError
 from croft_search.zeroshot import class_prompts, zero_shot_logits
 from trainables.base import MethodContext, TrainData
-from trainables.croft import (
-    CRoFT,
+from trainables.croft import CRoFT, edr_penalty, energy, energy_gradient_norm
+from trainables.croft_objective import (
+    Batch,
     adapt,
-    edr_penalty,
-    energy,
-    energy_gradient_norm,
     generator_gradient,
     same_class_similarity,
+    step_generator,
 )
 from trainables.loop import train
 from trainables.registry import get_method, resolve_hparams
@@ -304,7 +303,7 @@ def test_hand_written_objective_equals_autograd_in_value_and_gradient(
 ) -> None:
     method, features, labels = tiny_method(**overrides)
     move_generator(method, seed=2)
-    params = method.trainable_parameters()  # in the worst case G has its own optimiser
+    params = method.trainable_parameters()  # in the worst case G takes its own steps
     names = [name for name, p in method.named_parameters() if any(p is q for q in params)]
     loss, parts = method.training_loss(features, labels, torch.zeros_like(labels))
     reference = autograd_loss(method, features, labels)
@@ -332,6 +331,28 @@ def test_generator_gradient_equals_autograd_on_the_generator_loss(lambda1: float
     assert want.abs().max() > 1e-4
 
 
+def test_generator_steps_are_sgd_on_the_generator_loss() -> None:
+    """G's inner steps are what torch's SGD (no momentum, no weight decay) does with
+    autograd's gradient of CE(s*xc@t.T) + lambda1*Lc, step after step."""
+    method, features, labels = tiny_method(lambda1=5.0, gen_steps=3, gen_lr=0.05)
+    image, text = method.image_features(features).detach(), method.text_features().detach()
+    start = torch.eye(6, dtype=torch.float64) + 0.3 * torch.randn(6, 6, dtype=torch.float64)
+    reference = start.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([reference], lr=0.05)
+    for _ in range(3):
+        shifted = F.normalize(image @ reference + image, dim=-1)
+        loss = F.cross_entropy(method.logit_scale * shifted @ text.T, labels)
+        loss = loss + 5.0 * same_class_similarity(shifted, image, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    stepped = start.clone()
+    batch = Batch.of(image, labels, len(text))
+    step_generator(stepped, image, text, batch, method.objective_settings(), 3, 0.05)
+    torch.testing.assert_close(stepped, reference.detach(), rtol=1e-10, atol=1e-12)
+    assert (stepped - start).abs().max() > 1e-3
+
+
 def test_closed_form_edr_follows_learned_prompts(digits_context: MethodContext) -> None:
     method, _ = build(digits_context, n_ctx=4, lambda1=5.0)
     # float32: the frozen text tower the prompts run through is float32.
@@ -355,7 +376,7 @@ def test_worst_case_generator_trains_on_its_own_and_the_adapters_see_the_minimax
     generator = method.generator
     assert generator is not None
     eye = torch.eye(digits_context.embed_dim)
-    assert (generator.detach() - eye).abs().max() > 1e-4  # moved by its own optimiser
+    assert (generator.detach() - eye).abs().max() > 1e-4  # moved by its own steps
     assert all(p is not generator for p in method.trainable_parameters())
     assert "shift" in history[-1]
 
@@ -443,7 +464,7 @@ def test_only_the_intended_parameters_train(
     assert (trained.detach() - eye).abs().max() > 1e-5
     # Only CRoFT's own matrices are state: nothing of the frozen encoders was copied in.
     assert set(method.state_dict()) == {"image_adapter", "text_adapter", "generator"}
-    # The generator has its own optimiser in the (default) worst-case branch.
+    # The generator takes its own steps in the (default) worst-case branch.
     assert [id(p) for p in method.trainable_parameters()] == [id(trained)]
 
 

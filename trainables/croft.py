@@ -14,20 +14,22 @@ adapters (see shared/docs/METHODS.md, "CRoFT"). Written from the paper's equatio
                                              summed (edr_reduction="sum") or averaged
     loss = CE(L, y) + shift term + lambda2 * (Le(x) + Le(xc))
 
-Training never builds the energy's backward graph to differentiate it again: the EDR term
-is one autograd node (`edr_closed_form`) whose forward writes dE/dtheta out by the chain rule
-and takes its squared norm in Gram form (B x B products, not d x d ones), and whose backward
-is that chain differentiated by hand; in value and gradient it is what the paper's double
-backward ``autograd.grad(E, theta, create_graph=True)`` gives (`edr_penalty`, which the
-tests hold it to). The logits and the energy share one x @ t.T, and the generator's inner
-step uses its gradient in closed form. bench/trial_speed.py times the effect.
+Training never builds an autograd graph for this: `trainables/croft_objective.py` computes
+the loss and its three terms as one autograd node whose backward applies the chain rule by
+hand, the EDR term included (its forward writes dE/dtheta out and takes its squared norm
+in Gram form, B x B products instead of d x d ones; its backward differentiates that chain
+again). In value and gradient this is what autograd and the paper's double backward
+``autograd.grad(E, theta, create_graph=True)`` give (`edr_penalty`); the tests hold the two
+together in every branch. The generator's inner steps use their gradient in closed form
+too. bench/trial_speed.py times the effect.
 
 Switches, all plain hyper-parameters so a search grid can express the paper's ablations:
 - lambda1 = 0 turns the generator off entirely (no parameter, no loss, no inner steps).
 - lambda1 > 0, gen_steps > 0: worst-case branch. Before every main step G takes
-  ``gen_steps`` SGD steps (its own optimiser, lr ``gen_lr``) on CE(s*xc@t.T) + lambda1*Lc with
-  the adapters frozen; the adapters then see CE(s*xc@t.T) - lambda1*Lc with G frozen, i.e.
-  they learn to keep shifted features close to their class.
+  ``gen_steps`` plain SGD steps (lr ``gen_lr``, apart from the main optimiser) on
+  CE(s*xc@t.T) + lambda1*Lc with the adapters frozen; the adapters then see
+  CE(s*xc@t.T) - lambda1*Lc with G frozen, i.e. they learn to keep shifted features close
+  to their class.
 - lambda1 > 0, gen_steps = 0: G is one of the main parameters and everything minimises
   CE(s*xc@t.T) + lambda1*Lc together.
 - lambda2 = 0 skips the EDR double backward; edr_on_shifted adds Le on the shifted features
@@ -42,7 +44,6 @@ Switches, all plain hyper-parameters so a search grid can express the paper's ab
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,45 +51,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables.base import HParam, Method, MethodContext
-from trainables.loop import fusable
+from trainables.croft_objective import (
+    AdapterPass,
+    Batch,
+    CRoFTObjective,
+    EDRSpec,
+    ObjectiveSettings,
+    Unit,
+    adapt,
+    step_generator,
+    unit,
+)
 from trainables.registry import register_method
 from trainables.text import PromptLearner
-
-
-def adapt(raw: torch.Tensor, weight: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Residual adapter ``ratio * raw @ weight.T + (1 - ratio) * raw`` (not normalised).
-
-    Written as ``raw + ratio * (raw @ weight.T - raw)``, the same function, because then an
-    identity ``weight`` returns ``raw`` bit for bit (the difference is exactly zero), so the
-    untrained method reproduces zero-shot CLIP exactly rather than to rounding."""
-    return raw + ratio * (raw @ weight.T - raw)
-
-
-# F.normalize's floor on the norm, so unit() and F.normalize agree bit for bit.
-NORM_EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class Unit:
-    """Row-normalised ``value = raw / |raw|``, keeping the norms so a gradient with respect
-    to ``value`` can be pulled back to ``raw`` in closed form."""
-
-    value: torch.Tensor
-    norm: torch.Tensor  # [N, 1]
-
-    def pullback(self, grad: torch.Tensor) -> torch.Tensor:
-        """dL/d(raw) from dL/d(value): ``(g - u (u . g)) / |raw|`` row by row."""
-        return (grad - self.value * (self.value * grad).sum(-1, keepdim=True)) / self.norm
-
-
-def unit(raw: torch.Tensor) -> Unit:
-    norm = raw.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    return Unit(raw / norm, norm)
-
-
-def shift(image: torch.Tensor, generator: torch.Tensor) -> Unit:
-    """The generator's covariate-shifted feature ``n(x @ G + x)`` of normalised ``x``."""
-    return unit(image @ generator + image)
 
 
 def energy(image: torch.Tensor, text: torch.Tensor, aggregate: str = "sum") -> torch.Tensor:
@@ -98,15 +73,6 @@ def energy(image: torch.Tensor, text: torch.Tensor, aggregate: str = "sum") -> t
     return values.mean() if aggregate == "mean" else values.sum()
 
 
-def same_class_similarity(
-    shifted: torch.Tensor, image: torch.Tensor, labels: torch.Tensor
-) -> torch.Tensor:
-    """``Lc``: mean of ``xc_i . x_j`` over the pairs (i, j) with ``y_i == y_j`` (i = j
-    included, so a batch always has pairs)."""
-    same = (labels[:, None] == labels[None, :]).to(shifted.dtype)
-    return (shifted @ image.T * same).sum() / same.sum()
-
-
 def edr_penalty(
     energy_value: torch.Tensor,
     theta: Sequence[torch.Tensor],
@@ -114,7 +80,8 @@ def edr_penalty(
     create_graph: bool = True,
 ) -> torch.Tensor:
     """``|| dE / dtheta ||^2``: squares of the gradient summed (setup II) or averaged over
-    every entry of ``theta`` (setup I).
+    every entry of ``theta`` (setup I), by autograd (training uses the closed form in
+    `trainables.croft_objective`, which the tests hold to this).
 
     The reference perturbs the adapter matrices by an additive ``delta`` (requires grad) and
     differentiates ``E(theta + delta) - E(theta)`` with respect to ``delta``. By the chain
@@ -125,254 +92,10 @@ def edr_penalty(
     evaluates the gradient 1e-4 away from theta, a difference of order 1e-4 * Hessian.)
     ``create_graph=True`` keeps the gradient differentiable, so training reduces it."""
     grads = torch.autograd.grad(energy_value, list(theta), create_graph=create_graph)
-    return _squared_norm(grads, reduction)
-
-
-def _squared_norm(grads: Sequence[torch.Tensor], reduction: str) -> torch.Tensor:
     total = sum(g.pow(2).sum() for g in grads)
     if reduction == "mean":
         total = total / sum(g.numel() for g in grads)
     return total
-
-
-def generator_gradient(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    generator: torch.Tensor,
-    labels: torch.Tensor,
-    logit_scale: float,
-    lambda1: float,
-) -> torch.Tensor:
-    """d/dG of the generator's loss CE(s * xc @ t.T, y) + lambda1 * Lc(xc, x, y), with
-    xc = n(x @ G + x) and x, t fixed: dCE/dxc = s * (softmax - onehot) @ t / B and
-    dLc/dxc = (same-class mask) @ x / (number of same-class pairs), pulled back through the
-    normalisation, then dG = x^T dL/d(x @ G + x)."""
-    moved = shift(image, generator)
-    residual = torch.softmax(logit_scale * moved.value @ text.T, dim=-1)
-    residual[torch.arange(len(labels)), labels] -= 1.0
-    same = (labels[:, None] == labels[None, :]).to(image.dtype)
-    grad_moved = logit_scale * residual @ text / len(labels) + lambda1 * (same @ image) / same.sum()
-    return image.T @ moved.pullback(grad_moved)
-
-
-@dataclass(frozen=True)
-class AdapterPass:
-    """One forward pass through both adapters, with what the closed-form energy gradient
-    needs: the raw inputs of each adapter, the normalised outputs with their norms, and
-    ``similarity = x @ t.T``, which the logits and the energy share."""
-
-    features: torch.Tensor  # raw image features f
-    raw_text: torch.Tensor  # template or prompt text features g
-    image: Unit  # n(adapt(f, Wi, ri))
-    text: Unit  # n(adapt(g, Wt, rt))
-    similarity: torch.Tensor  # image.value @ text.value.T
-
-
-@dataclass(frozen=True)
-class ShiftedPass:
-    """The generator's shifted features ``n(x @ G + x)``, the ``G`` they came from and their
-    similarity to the text features (shared by the shifted logits and energy)."""
-
-    moved: Unit
-    generator: torch.Tensor
-    similarity: torch.Tensor
-
-
-@dataclass(frozen=True)
-class EDRSpec:
-    """What the EDR penalty differentiates and how it reduces: the adapter ratios, which
-    adapters train, the energy's aggregate and the squares' reduction."""
-
-    ratios: tuple[float, float]
-    trained: tuple[bool, bool]
-    aggregate: str = "sum"
-    reduction: str = "sum"
-
-
-def edr_closed_form(
-    passed: AdapterPass, spec: EDRSpec, shifted: ShiftedPass | None = None
-) -> torch.Tensor:
-    """``|| dE / d(Wi, Wt) ||^2`` for the energy of the ID features plus, with ``shifted``,
-    that of the shifted features: in value and gradient what ``edr_penalty`` computes by
-    double backward (tests hold the two together), as one autograd node."""
-    moved = (None, None, None, None) if shifted is None else (
-        shifted.similarity, shifted.moved.value, shifted.moved.norm, shifted.generator
-    )  # fmt: skip
-    return _ClosedFormEDR.apply(
-        passed.similarity,
-        passed.image.value,
-        passed.image.norm,
-        passed.text.value,
-        passed.text.norm,
-        passed.raw_text,
-        passed.features,
-        *moved,
-        spec,
-    )
-
-
-def _pull_back(
-    grad: torch.Tensor,
-    pulled: torch.Tensor,
-    raw: torch.Tensor,
-    unit_value: torch.Tensor,
-    norm: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of ``pulled = (raw - w (w . raw)) / n`` (`Unit.pullback`) row by row: the
-    gradients with respect to ``raw``, ``w`` and ``n`` from the gradient of ``pulled``."""
-    scaled = grad / norm
-    along = (unit_value * scaled).sum(-1, keepdim=True)
-    grad_raw = scaled - unit_value * along
-    grad_unit = -((unit_value * raw).sum(-1, keepdim=True) * scaled + along * raw)
-    grad_norm = -(scaled * pulled).sum(-1, keepdim=True)
-    return grad_raw, grad_unit, grad_norm
-
-
-def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
-    if value is None:
-        return total
-    return value if total is None else total + value
-
-
-class _ClosedFormEDR(torch.autograd.Function):
-    """The EDR penalty with its backward written out.
-
-    Forward, per energy (ID: z = x, S = x t^T; shifted: z = xc, S = xc t^T), with
-    P = exp(S) (divided by its size for the mean energy), unit(u) = x, unit(v) = t:
-        dE/du = pull_x(P t)                      or, shifted,
-                pull_x(a (G^T + I)), a = pull_xc(P t)
-        dE/dv = pull_t(P^T z)
-        dE/dWi = ri (dE/du)^T f, dE/dWt = rt (dE/dv)^T g
-        Le = ri^2 <A A^T, f f^T> + rt^2 <B B^T, g g^T>   (A = dE/du, B = dE/dv)
-    the Gram form of || dE/dWi ||^2 + || dE/dWt ||^2, B x B products instead of d x d ones.
-    Backward runs the same chain in reverse by hand and hands autograd the gradients with
-    respect to S, x, |u|, t, |v|, g (learned prompts) and, shifted, xc, |m| and G, so the
-    products shared with the logits (S, x, t) are differentiated once."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        similarity: torch.Tensor,
-        image: torch.Tensor,
-        image_norm: torch.Tensor,
-        text: torch.Tensor,
-        text_norm: torch.Tensor,
-        raw_text: torch.Tensor,
-        features: torch.Tensor,
-        moved_similarity: torch.Tensor | None,
-        moved: torch.Tensor | None,
-        moved_norm: torch.Tensor | None,
-        generator: torch.Tensor | None,
-        spec: EDRSpec,
-    ) -> torch.Tensor:
-        (ri, rt), (train_image, train_text) = spec.ratios, spec.trained
-        image_unit, text_unit = Unit(image, image_norm), Unit(text, text_norm)
-        grams = (
-            features @ features.T if train_image else None,
-            raw_text @ raw_text.T if train_text else None,
-        )
-        energies = [(similarity, image, None, None)]
-        if moved is not None:
-            energies.append((moved_similarity, moved, moved_norm, generator))
-        saved, total = [], similarity.new_zeros(())
-        for energy_similarity, z, z_norm, shift_matrix in energies:
-            weights = torch.exp(energy_similarity)
-            if spec.aggregate == "mean":
-                weights = weights / weights.numel()
-            toward_text, toward_image = weights @ text, weights.T @ z
-            inner = None
-            if shift_matrix is not None:
-                inner = Unit(z, z_norm).pullback(toward_text)
-                toward_text_at_x = inner @ shift_matrix.T + inner
-            else:
-                toward_text_at_x = toward_text
-            grad_u = image_unit.pullback(toward_text_at_x) if train_image else None
-            grad_v = text_unit.pullback(toward_image) if train_text else None
-            if grad_u is not None:
-                total = total + ri**2 * ((grad_u @ grad_u.T) * grams[0]).sum()
-            if grad_v is not None:
-                total = total + rt**2 * ((grad_v @ grad_v.T) * grams[1]).sum()
-            saved.append(
-                (z, z_norm, shift_matrix, weights, toward_text, toward_image, inner)
-                + (toward_text_at_x, grad_u, grad_v)
-            )
-        scale = 1.0
-        if spec.reduction == "mean":
-            scale = 1.0 / (image.shape[-1] ** 2 * sum(spec.trained))
-        ctx.spec, ctx.scale, ctx.grams, ctx.saved = spec, scale, grams, saved
-        # The shifted inputs ride in ctx.saved with their energy; saving them here as well
-        # lets autograd catch an in-place change to G before the backward.
-        ctx.save_for_backward(
-            image, image_norm, text, text_norm, raw_text, moved, moved_norm, generator
-        )
-        return total * scale
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        image, image_norm, text, text_norm, raw_text, *_ = ctx.saved_tensors
-        spec: EDRSpec = ctx.spec
-        (ri, rt) = spec.ratios
-        weight = grad_output * ctx.scale
-        feature_gram, text_gram = ctx.grams
-        grad_image = grad_image_norm = grad_text = grad_text_norm = grad_raw_text = None
-        grad_moved = grad_moved_norm = grad_generator = None
-        grad_similarities: list[torch.Tensor] = []
-        for saved in ctx.saved:
-            z, z_norm, shift_matrix, weights, toward_text, toward_image, inner = saved[:7]
-            toward_text_at_x, grad_u, grad_v = saved[7:]
-            grad_weights = None
-            grad_z = None
-            if grad_u is not None:
-                upstream = (2 * ri**2) * weight * (feature_gram @ grad_u)
-                grad_at_x, grad_x, grad_xn = _pull_back(
-                    upstream, grad_u, toward_text_at_x, image, image_norm
-                )
-                grad_image = _add(grad_image, grad_x)
-                grad_image_norm = _add(grad_image_norm, grad_xn)
-                if shift_matrix is not None:
-                    if ctx.needs_input_grad[10]:
-                        grad_generator = _add(grad_generator, grad_at_x.T @ inner)
-                    grad_inner = grad_at_x @ shift_matrix + grad_at_x
-                    grad_at_x, grad_zz, grad_zn = _pull_back(
-                        grad_inner, inner, toward_text, z, z_norm
-                    )
-                    grad_z = _add(grad_z, grad_zz)
-                    grad_moved_norm = _add(grad_moved_norm, grad_zn)
-                grad_weights = grad_at_x @ text.T
-                grad_text = _add(grad_text, weights.T @ grad_at_x)
-            if grad_v is not None:
-                upstream = (2 * rt**2) * weight * (text_gram @ grad_v)
-                if ctx.needs_input_grad[5]:
-                    grad_raw_text = _add(
-                        grad_raw_text, (2 * rt**2) * weight * ((grad_v @ grad_v.T) @ raw_text)
-                    )
-                grad_at_t, grad_t, grad_tn = _pull_back(
-                    upstream, grad_v, toward_image, text, text_norm
-                )
-                grad_text = _add(grad_text, grad_t)
-                grad_text_norm = _add(grad_text_norm, grad_tn)
-                grad_weights = _add(grad_weights, z @ grad_at_t.T)
-                grad_z = _add(grad_z, weights @ grad_at_t)
-            grad_similarities.append(grad_weights * weights)
-            if shift_matrix is None:
-                grad_image = _add(grad_image, grad_z)
-            else:
-                grad_moved = _add(grad_moved, grad_z)
-        grad_moved_similarity = grad_similarities[1] if len(grad_similarities) > 1 else None
-        return (
-            grad_similarities[0],
-            grad_image,
-            grad_image_norm,
-            grad_text,
-            grad_text_norm,
-            grad_raw_text,
-            None,
-            grad_moved_similarity,
-            grad_moved,
-            grad_moved_norm,
-            grad_generator,
-            None,
-        )
 
 
 @register_method
@@ -427,7 +150,7 @@ class CRoFT(Method):
         self._adapter("image_adapter", eye, trains=self.ratio_image > 0)
         self._adapter("text_adapter", eye, trains=self.ratio_text > 0)
         self.generator = nn.Parameter(eye.clone()) if self.use_generator else None
-        self._generator_optimizer: torch.optim.Optimizer | None = None
+        self.register_buffer("identity", eye, persistent=False)
 
         self.prompt_learner: PromptLearner | None = None
         if hp["n_ctx"] > 0:
@@ -461,16 +184,15 @@ class CRoFT(Method):
     def text_features(self) -> torch.Tensor:
         return self._text_unit(self.raw_text()).value
 
-    def adapter_pass(self, features: torch.Tensor) -> AdapterPass:
-        raw_text = self.raw_text()
+    def adapter_pass(self, features: torch.Tensor, raw_text: torch.Tensor) -> AdapterPass:
         image, text = self._image_unit(features), self._text_unit(raw_text)
-        return AdapterPass(features, raw_text, image, text, image.value @ text.value.T)
+        return AdapterPass(features, raw_text, image, text)
 
     def _image_unit(self, features: torch.Tensor) -> Unit:
-        return unit(adapt(features, self.image_adapter, self.ratio_image))
+        return unit(adapt(features, self.image_adapter, self.ratio_image, self.identity))
 
     def _text_unit(self, raw_text: torch.Tensor) -> Unit:
-        return unit(adapt(raw_text, self.text_adapter, self.ratio_text))
+        return unit(adapt(raw_text, self.text_adapter, self.ratio_text, self.identity))
 
     def logits(self, features: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
         return self.logit_scale * self.image_features(features) @ self.text_features().T
@@ -480,86 +202,82 @@ class CRoFT(Method):
 
     # -- training -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        # In the worst-case branch the generator has its own optimiser (_step_generator).
+        # In the worst-case branch the generator takes its own steps (`step_generator`).
         return [
             p
             for p in self.parameters()
             if p.requires_grad and not (self.worst_case and p is self.generator)
         ]
 
-    def setup(self) -> None:
-        if self.worst_case:
-            self._generator_optimizer = torch.optim.SGD(
-                [self.generator], lr=self.hp["gen_lr"], fused=fusable([self.generator])
-            )
-
-    def _step_generator(self, passed: AdapterPass, labels: torch.Tensor) -> None:
-        """The generator's inner steps before the main step: keep the class, move away from
-        same-class ID features (CE(s*xc@t.T) + lambda1*Lc), with the adapters frozen. They
-        reuse the main step's adapter outputs, which G's steps do not change."""
-        if not self.worst_case or self._generator_optimizer is None:
-            return
-        image, text = passed.image.value.detach(), passed.text.value.detach()
-        with torch.no_grad():
-            for _ in range(self.gen_steps):
-                # The gradient in closed form: the adapters are frozen here, so it needs no
-                # graph (a test checks it against autograd on the loss above).
-                self.generator.grad = generator_gradient(
-                    image, text, self.generator, labels, self.logit_scale, self.lambda1
-                )
-                self._generator_optimizer.step()
-        self.generator.grad = None
-
-    def _objective(
-        self, features: torch.Tensor, labels: torch.Tensor, step_generator: bool = False
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(logits, weighted regularisers) from one pass over the adapters, so the text
-        side (the text encoder when n_ctx > 0) runs once per step; with
-        ``step_generator`` (training) the generator takes its inner steps first."""
-        passed = self.adapter_pass(features)
-        if step_generator:
-            self._step_generator(passed, labels)
-        image, text = passed.image.value, passed.text.value
-        logits = self.logit_scale * passed.similarity
-        terms: dict[str, torch.Tensor] = {}
-        shifted: ShiftedPass | None = None
-        if self.use_generator:
-            # Worst case: the adapters play against a fixed G; joint: G trains here too.
-            generator = self.generator.detach() if self.worst_case else self.generator
-            moved = shift(image, generator)
-            shifted = ShiftedPass(moved, generator, moved.value @ text.T)
-            similarity = same_class_similarity(moved.value, image, labels)
-            sign = -1.0 if self.worst_case else 1.0
-            shifted_ce = F.cross_entropy(self.logit_scale * shifted.similarity, labels)
-            terms["shift"] = shifted_ce + sign * self.lambda1 * similarity
+    def objective_settings(self) -> ObjectiveSettings:
+        edr = None
         if self.lambda2 > 0 and self.adapter_parameters():
-            spec = EDRSpec(
+            edr = EDRSpec(
                 (self.ratio_image, self.ratio_text),
                 (self.image_adapter.requires_grad, self.text_adapter.requires_grad),
                 self.edr_energy,
                 self.edr_reduction,
             )
-            on_shifted = shifted if self.edr_on_shifted else None
-            terms["edr"] = self.lambda2 * edr_closed_form(passed, spec, on_shifted)
-        return logits, terms
+        return ObjectiveSettings(
+            logit_scale=self.logit_scale,
+            ratios=(self.ratio_image, self.ratio_text),
+            lambda1=self.lambda1,
+            shift_sign=-1.0 if self.worst_case else 1.0,
+            lambda2=self.lambda2,
+            edr=edr,
+            edr_on_shifted=self.edr_on_shifted,
+        )
+
+    def _losses(
+        self, features: torch.Tensor, labels: torch.Tensor, step_generator_first: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, {"ce", "shift", "edr"} of this branch) from one pass over the adapters,
+        so the text side (the text encoder when n_ctx > 0) runs once per step; with
+        ``step_generator_first`` (training) G first takes its inner steps, on the same
+        adapter outputs, which its steps do not change."""
+        raw_text = self.raw_text()  # a graph into the prompt learner when n_ctx > 0
+        with torch.no_grad():
+            passed = self.adapter_pass(features, raw_text.detach())
+            batch = Batch.of(passed.image.value, labels, len(raw_text))
+            settings = self.objective_settings()
+            if step_generator_first and self.worst_case:
+                step_generator(
+                    self.generator,
+                    passed.image.value,
+                    passed.text.value,
+                    batch,
+                    settings,
+                    self.gen_steps,
+                    self.hp["gen_lr"],
+                )
+        # Worst case: the adapters play against a fixed G; joint: G trains with them.
+        generator = None
+        if self.use_generator:
+            generator = self.generator.detach() if self.worst_case else self.generator
+        loss, ce, shift, edr = CRoFTObjective.apply(
+            self.image_adapter, self.text_adapter, generator, raw_text, passed, batch, settings
+        )
+        terms = {"ce": ce}
+        if self.use_generator:
+            terms["shift"] = shift
+        if settings.edr is not None:
+            terms["edr"] = edr
+        return loss, terms
 
     def extra_losses(
         self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        return self._objective(features, labels)[1]
+        terms = self._losses(features, labels, step_generator_first=False)[1]
+        del terms["ce"]
+        return terms
 
     def training_loss(
         self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        # CE(logits) + sum(extra_losses) as in the base class, computed in one pass, after
-        # the generator's inner steps in the worst-case branch.
-        logits, terms = self._objective(features, labels, step_generator=True)
-        loss = F.cross_entropy(logits, labels)
-        parts = {"ce": float(loss.detach())}
-        for key, value in terms.items():
-            loss = loss + value
-            parts[key] = float(value.detach())
-        return loss, parts
+        # CE(logits) + sum(extra_losses) as in the base class, as one node, after the
+        # generator's inner steps in the worst-case branch.
+        loss, terms = self._losses(features, labels, step_generator_first=True)
+        return loss, {key: float(value.detach()) for key, value in terms.items()}
 
 
 def energy_gradient_norm(

@@ -1,0 +1,572 @@
+"""CRoFT's training objective with its gradient written out: one autograd node from the
+adapters (and, where they train, the generator G and the learned prompt features) to the
+cross-entropy, the shift term and the EDR loss. `trainables/croft.py` is the method; this
+module is its arithmetic.
+
+On the small matrices of cached-feature training, autograd's engine costs more than the
+operations: about 15 microseconds a node on 2 CPU cores, some 40 nodes a step. So the
+forward runs without a graph and `CRoFTObjective.backward` applies the chain rule by hand,
+about a hundred operations in all. The EDR term, the squared gradient of the energy with
+respect to the adapters, is written the same way (`_edr_forward`, `_edr_backward`): its
+forward builds dE/dtheta by the chain rule and its backward differentiates that chain
+again, which is what the paper's double backward computes. tests/test_croft.py holds
+value and gradient of every term to a pure-autograd build in every branch.
+
+Notation: f raw image features [B, d], g raw text features [K, d], u = adapt(f, Wi, ri),
+x = n(u), v = adapt(g, Wt, rt), t = n(v), S = x t^T, m = x G + x, xc = n(m), n(.) the row
+normalisation (`unit`). Rows are assumed to have norms above the 1e-12 floor, which
+encoder features always do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# F.normalize's floor on the norm, so unit() and F.normalize agree bit for bit.
+NORM_EPS = 1e-12
+
+
+def adapt(
+    raw: torch.Tensor, weight: torch.Tensor, ratio: float, identity: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Residual adapter ``ratio * raw @ weight.T + (1 - ratio) * raw`` (not normalised).
+
+    Written as ``raw + ratio * raw @ (weight - I).T``, the same function in one fused
+    multiply-add, because then an identity ``weight`` returns ``raw`` bit for bit (weight - I
+    is exactly zero), so the untrained method reproduces zero-shot CLIP exactly rather than
+    to rounding. ``identity`` is the d x d identity, passed in by callers that keep one."""
+    if identity is None:
+        identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    return torch.addmm(raw, raw, (weight - identity).T, alpha=ratio)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Row-normalised ``value = raw / |raw|``, keeping the norms so a gradient with respect
+    to ``value`` can be pulled back to ``raw`` in closed form."""
+
+    value: torch.Tensor
+    norm: torch.Tensor  # [N, 1]
+
+    def pullback(self, grad: torch.Tensor) -> torch.Tensor:
+        """dL/d(raw) from dL/d(value): ``(g - u (u . g)) / |raw|`` row by row."""
+        return _project(grad, self.value, self.norm)[0]
+
+    def backward(self, grad_value: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+        """dL/d(raw) from the gradients with respect to ``value`` and to ``norm``:
+        ``(g - u (u . g - gn |raw|)) / |raw|``."""
+        along = (self.value * grad_value).sum(-1, keepdim=True)
+        if grad_norm is not None:
+            along = along - grad_norm * self.norm
+        return torch.addcmul(grad_value, self.value, along, value=-1.0) / self.norm
+
+
+def unit(raw: torch.Tensor) -> Unit:
+    norm = raw.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    return Unit(raw / norm, norm)
+
+
+def shift(image: torch.Tensor, generator: torch.Tensor) -> Unit:
+    """The generator's covariate-shifted feature ``n(x @ G + x)`` of normalised ``x``."""
+    return unit(torch.addmm(image, image, generator))
+
+
+@dataclass(frozen=True)
+class SameClass:
+    """The batch's same-class pairs (i, j), y_i == y_j, i = j included: the mask and its
+    count, shared by the shift term and the generator's steps."""
+
+    mask: torch.Tensor  # [B, B], 1.0 where the labels agree
+    pairs: torch.Tensor  # number of such pairs, a 0-dim tensor
+
+    @classmethod
+    def of(cls, labels: torch.Tensor, dtype: torch.dtype) -> SameClass:
+        mask = (labels[:, None] == labels[None, :]).to(dtype)
+        return cls(mask, mask.sum())
+
+
+def same_class_similarity(
+    shifted: torch.Tensor,
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    same: SameClass | None = None,
+) -> torch.Tensor:
+    """``Lc``: mean of ``xc_i . x_j`` over the pairs (i, j) with ``y_i == y_j`` (i = j
+    included, so a batch always has pairs)."""
+    same = same or SameClass.of(labels, shifted.dtype)
+    return (shifted @ image.T * same.mask).sum() / same.pairs
+
+
+def generator_gradient(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    generator: torch.Tensor,
+    labels: torch.Tensor,
+    logit_scale: float,
+    lambda1: float,
+    same: SameClass | None = None,
+) -> torch.Tensor:
+    """d/dG of the generator's loss CE(s * xc @ t.T, y) + lambda1 * Lc(xc, x, y), with
+    xc = n(x @ G + x) and x, t fixed: dCE/dxc = s * (softmax - onehot) @ t / B and
+    dLc/dxc = (same-class mask) @ x / (number of same-class pairs), pulled back through the
+    normalisation, then dG = x^T dL/d(x @ G + x)."""
+    batch = Batch.of(image, labels, text.shape[0], same)
+    return _generator_gradient(image, text, generator, batch, logit_scale, lambda1)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """What a training batch contributes besides the features: labels, their one-hot rows,
+    the same-class pairs and ``(mask @ x) / pairs``, which do not change while G steps."""
+
+    labels: torch.Tensor
+    onehot: torch.Tensor  # [B, K]
+    same: SameClass
+    toward_class: torch.Tensor  # [B, d], the mean same-class ID feature of each row
+
+    @classmethod
+    def of(
+        cls, image: torch.Tensor, labels: torch.Tensor, classes: int, same: SameClass | None = None
+    ) -> Batch:
+        same = same or SameClass.of(labels, image.dtype)
+        onehot = F.one_hot(labels, classes).to(image.dtype)
+        return cls(labels, onehot, same, (same.mask @ image) / same.pairs)
+
+
+def _generator_gradient(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    generator: torch.Tensor,
+    batch: Batch,
+    logit_scale: float,
+    lambda1: float,
+) -> torch.Tensor:
+    moved = shift(image, generator)
+    residual = torch.softmax(logit_scale * moved.value @ text.T, dim=-1) - batch.onehot
+    scale = logit_scale / len(batch.labels)
+    grad_moved = torch.addmm(batch.toward_class, residual, text, beta=lambda1, alpha=scale)
+    return image.T @ moved.pullback(grad_moved)
+
+
+def step_generator(
+    generator: torch.Tensor,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    batch: Batch,
+    settings: ObjectiveSettings,
+    steps: int,
+    lr: float,
+) -> None:
+    """``steps`` plain SGD steps of G, in place, on the generator's loss with x and t fixed
+    (what the reference's SGD optimiser on G does: no momentum, no weight decay)."""
+    with torch.no_grad():
+        for _ in range(steps):
+            grad = _generator_gradient(
+                image, text, generator, batch, settings.logit_scale, settings.lambda1
+            )
+            generator.sub_(grad, alpha=lr)
+
+
+@dataclass(frozen=True)
+class EDRSpec:
+    """What the EDR penalty differentiates and how it reduces: the adapter ratios, which
+    adapters train, the energy's aggregate and the squares' reduction."""
+
+    ratios: tuple[float, float]
+    trained: tuple[bool, bool]
+    aggregate: str = "sum"
+    reduction: str = "sum"
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """The method's settings the objective reads: CLIP's logit scale, the adapter ratios,
+    the shift term's weight and sign (worst case: the adapters see -lambda1 * Lc; joint:
+    +lambda1 * Lc), and the EDR's weight, specification and whether it covers the shifted
+    features (None when there is no EDR term)."""
+
+    logit_scale: float
+    ratios: tuple[float, float]
+    lambda1: float = 0.0
+    shift_sign: float = 1.0
+    lambda2: float = 0.0
+    edr: EDRSpec | None = None
+    edr_on_shifted: bool = False
+
+
+@dataclass(frozen=True)
+class AdapterPass:
+    """One forward pass through both adapters: the raw inputs of each adapter and the
+    normalised outputs with their norms."""
+
+    features: torch.Tensor  # raw image features f
+    raw_text: torch.Tensor  # template or prompt text features g
+    image: Unit  # n(adapt(f, Wi, ri))
+    text: Unit  # n(adapt(g, Wt, rt))
+
+
+@dataclass
+class _Saved:
+    """The forward's intermediates the backward reads."""
+
+    passed: AdapterPass
+    batch: Batch
+    moved: Unit | None
+    points: torch.Tensor  # [x; xc] or x
+    log_probs: torch.Tensor  # log-softmax of [s S; s Sc]
+    edr: Any  # _EDRState or None
+
+
+class CRoFTObjective(torch.autograd.Function):
+    """``CRoFTObjective.apply(Wi, Wt, G, g, passed, batch, settings)``: (loss, CE, shift
+    term, EDR term) of one batch as one autograd node, each output differentiable; terms a
+    branch does not have are zero. ``passed`` is the adapter pass of these adapters and of
+    ``g`` (computed without a graph, so the generator could step on it first); gradients
+    reach whichever of Wi, Wt, G (the joint branch; the worst case passes it detached) and
+    g (learned prompts) require them.
+
+    Forward, with L = s [x; xc] t^T (the shifted rows only with a generator):
+        CE = CE(L_x, y), shift = CE(L_xc, y) + sign * lambda1 * <xc, M x> / pairs,
+        EDR = lambda2 * Le (`_edr_forward`), loss = CE + shift + EDR.
+    Backward: dL = s (softmax - onehot) / B per CE, dxc += sign lambda1 M x / pairs and
+    dx += sign lambda1 M xc / pairs for Lc, plus the EDR's own backward; then through
+    S = [x; xc] t^T, m = x G + x and the normalisations to dWi = ri du^T f,
+    dWt = rt dv^T g, dG = x^T dm (joint) and dg = dv + rt dv (Wt - I) (prompts)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        image_adapter: torch.Tensor,
+        text_adapter: torch.Tensor,
+        generator: torch.Tensor | None,
+        raw_text: torch.Tensor,
+        passed: AdapterPass,
+        batch: Batch,
+        settings: ObjectiveSettings,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, text = passed.image, passed.text
+        rows = len(batch.labels)
+        moved = None
+        points = image.value
+        if generator is not None:
+            moved = shift(image.value, generator)
+            points = torch.cat([image.value, moved.value])
+        similarity = points @ text.value.T
+        log_probs = torch.log_softmax(settings.logit_scale * similarity, dim=-1)
+        ce = F.nll_loss(log_probs[:rows], batch.labels)
+        shift_term = ce.new_zeros(())
+        if moved is not None:
+            pulled = torch.dot(moved.value.view(-1), batch.toward_class.view(-1))
+            shift_term = (
+                F.nll_loss(log_probs[rows:], batch.labels)
+                + (settings.shift_sign * settings.lambda1) * pulled
+            )
+        edr_term, edr_state = ce.new_zeros(()), None
+        if settings.edr is not None:
+            on_shifted = moved if settings.edr_on_shifted else None
+            energy_rows = similarity if on_shifted is not None else similarity[:rows]
+            energy_points = points if on_shifted is not None else image.value
+            value, edr_state = _edr_forward(
+                energy_rows, energy_points, passed, on_shifted, generator, settings.edr
+            )
+            edr_term = settings.lambda2 * value
+        ctx.set_materialize_grads(False)
+        ctx.saved = _Saved(passed, batch, moved, points, log_probs, edr_state)
+        ctx.settings = settings
+        # The tensors are saved here as well so that autograd catches an in-place change
+        # to a parameter between this forward and its backward.
+        ctx.save_for_backward(image_adapter, text_adapter, generator)
+        return ce + shift_term + edr_term, ce, shift_term, edr_term
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any,
+        grad_loss: torch.Tensor | None,
+        grad_ce: torch.Tensor | None,
+        grad_shift: torch.Tensor | None,
+        grad_edr: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        image_adapter, text_adapter, generator = ctx.saved_tensors
+        saved: _Saved = ctx.saved
+        settings: ObjectiveSettings = ctx.settings
+        passed, batch, moved = saved.passed, saved.batch, saved.moved
+        image, text = passed.image, passed.text
+        weight_ce = _add(grad_loss, grad_ce)
+        weight_shift = _add(grad_loss, grad_shift) if moved is not None else None
+        weight_edr = _add(grad_loss, grad_edr) if saved.edr is not None else None
+        rows = len(batch.labels)
+        scale = settings.logit_scale / rows
+
+        # Both cross-entropies: s (softmax - onehot) / B per row, weighted per term.
+        residual = torch.exp(saved.log_probs).view(-1, rows, batch.onehot.shape[1])
+        residual = residual - batch.onehot
+        grad_similarity = None
+        if moved is None or weight_ce is weight_shift:
+            # One weight for every row: no generator, or training (both are grad_loss).
+            if weight_ce is not None:
+                grad_similarity = residual.view(-1, residual.shape[2]) * (weight_ce * scale)
+        elif weight_ce is not None or weight_shift is not None:
+            like = weight_ce if weight_ce is not None else weight_shift
+            per_term = torch.stack(
+                [w if w is not None else torch.zeros_like(like) for w in (weight_ce, weight_shift)]
+            )
+            grad_similarity = (residual * (per_term * scale)[:, None, None]).view(2 * rows, -1)
+
+        grad_points = None
+        grad_image = grad_image_norm = grad_text = grad_text_norm = grad_raw_text = None
+        grad_moved = grad_moved_norm = grad_generator = None
+        if weight_shift is not None:
+            # Lc = <xc, M x> / pairs, M symmetric: dxc = M x / pairs, dx = M xc / pairs.
+            pull = weight_shift * (settings.shift_sign * settings.lambda1)
+            grad_moved = batch.toward_class * pull
+            grad_image = (batch.same.mask @ moved.value) * (pull / batch.same.pairs)
+        if weight_edr is not None:
+            grads = _edr_backward(
+                saved.edr,
+                weight_edr * settings.lambda2,
+                need_generator=ctx.needs_input_grad[2],
+                need_raw_text=ctx.needs_input_grad[3],
+            )
+            grad_similarity = _add_rows(grad_similarity, grads.similarity)
+            grad_points = grads.points
+            grad_image = _add(grad_image, grads.image)
+            grad_image_norm = grads.image_norm
+            grad_text, grad_text_norm = grads.text, grads.text_norm
+            grad_raw_text = grads.raw_text
+            grad_moved = _add(grad_moved, grads.moved)
+            grad_moved_norm, grad_generator = grads.moved_norm, grads.generator
+
+        # Through S = points t^T.
+        if grad_similarity is not None:
+            from_similarity = grad_similarity @ text.value
+            grad_points = _add_rows(grad_points, from_similarity)
+            grad_text = _add(grad_text, grad_similarity.T @ saved.points[: len(grad_similarity)])
+        if grad_points is not None:
+            grad_image = _add(grad_image, grad_points[:rows])
+            if len(grad_points) > rows:
+                grad_moved = _add(grad_moved, grad_points[rows:])
+
+        # Through xc = n(m), m = x G + x.
+        if moved is not None and grad_moved is not None:
+            grad_raw_moved = moved.backward(grad_moved, grad_moved_norm)
+            grad_image = _add(grad_image, torch.addmm(grad_raw_moved, grad_raw_moved, generator.T))
+            if ctx.needs_input_grad[2]:
+                grad_generator = _add(grad_generator, image.value.T @ grad_raw_moved)
+
+        # Through the normalisations and the adapters.
+        ratio_image, ratio_text = settings.ratios
+        grad_image_adapter = grad_text_adapter = None
+        if ctx.needs_input_grad[0] and grad_image is not None:
+            grad_u = image.backward(grad_image, grad_image_norm)
+            grad_image_adapter = grad_u.T @ passed.features * ratio_image
+        if grad_text is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
+            grad_v = text.backward(grad_text, grad_text_norm)
+            if ctx.needs_input_grad[1]:
+                grad_text_adapter = grad_v.T @ passed.raw_text * ratio_text
+            if ctx.needs_input_grad[3]:
+                identity = torch.eye(len(text_adapter), dtype=grad_v.dtype, device=grad_v.device)
+                through = torch.addmm(grad_v, grad_v, text_adapter - identity, alpha=ratio_text)
+                grad_raw_text = _add(grad_raw_text, through)
+        if not ctx.needs_input_grad[2]:
+            grad_generator = None
+        return (
+            grad_image_adapter,
+            grad_text_adapter,
+            grad_generator,
+            grad_raw_text if ctx.needs_input_grad[3] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    if value is None:
+        return total
+    return value if total is None else total + value
+
+
+def _add_rows(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    """``total + value`` where one of them may cover only the other's first rows."""
+    if total is None or value is None or len(value) == len(total):
+        return _add(total, value)
+    if len(value) > len(total):
+        total, value = value, total
+    return torch.cat([total[: len(value)] + value, total[len(value) :]])
+
+
+# -- EDR ------------------------------------------------------------------------------------
+def _project(
+    grad: torch.Tensor, unit_value: torch.Tensor, norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(g - w (w . g)) / n`` row by row (`Unit.pullback`) and the dot products ``w . g``,
+    which its backward reuses; ``w`` and ``n`` broadcast against ``g``."""
+    along = (unit_value * grad).sum(-1, keepdim=True)
+    return torch.addcmul(grad, unit_value, along, value=-1.0) / norm, along
+
+
+def _project_back(
+    grad: torch.Tensor,
+    projected: torch.Tensor,
+    raw: torch.Tensor,
+    unit_value: torch.Tensor,
+    norm: torch.Tensor,
+    along: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``projected, along = _project(raw, w, n)``: the gradients with respect to
+    ``raw``, ``w`` and ``n`` from that of ``projected``. Those of ``w`` and ``n`` come out in
+    ``raw``'s shape, for the caller to reduce over any stacked dimension."""
+    scaled = grad / norm
+    scaled_along = (unit_value * scaled).sum(-1, keepdim=True)
+    grad_raw = torch.addcmul(scaled, unit_value, scaled_along, value=-1.0)
+    grad_unit = torch.addcmul(along * scaled, scaled_along, raw).neg_()
+    grad_norm = (scaled * projected).sum(-1, keepdim=True).neg_()
+    return grad_raw, grad_unit, grad_norm
+
+
+@dataclass
+class _EDRState:
+    spec: EDRSpec
+    scale: float
+    energies: int
+    weights: torch.Tensor  # P = exp(S) (/ B K), every energy's rows
+    points: torch.Tensor  # z: x, or [x; xc]
+    passed: AdapterPass
+    moved: Unit | None
+    generator: torch.Tensor | None
+    image_side: tuple | None
+    text_side: tuple | None
+
+
+@dataclass
+class EDRGradients:
+    similarity: torch.Tensor | None = None
+    points: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    image_norm: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    text_norm: torch.Tensor | None = None
+    raw_text: torch.Tensor | None = None
+    moved: torch.Tensor | None = None
+    moved_norm: torch.Tensor | None = None
+    generator: torch.Tensor | None = None
+
+
+def _edr_forward(
+    similarity: torch.Tensor,
+    points: torch.Tensor,
+    passed: AdapterPass,
+    moved: Unit | None,
+    generator: torch.Tensor | None,
+    spec: EDRSpec,
+) -> tuple[torch.Tensor, _EDRState]:
+    """``|| dE / d(Wi, Wt) ||^2`` of the ID energy plus, with ``moved``, the shifted one.
+
+    Per energy e (ID: z = x; shifted: z = xc), over its rows of S = [x; xc] t^T, with
+    P = exp(S) (divided by B K for the mean energy) and pull_w(h) = (h - w (w . h)) / |.|:
+        dE/dx = P t                              or, shifted, a G^T + a, a = pull_xc(P t)
+        A_e = dE/du = pull_x(dE/dx),  B_e = dE/dv = pull_t(P^T z)
+        dE/dWi = ri A_e^T f,  dE/dWt = rt B_e^T g
+        Le = sum_e ri^2 <A_e, (f f^T) A_e> + rt^2 <B_e, (g g^T) B_e>
+    the Gram form of || dE/dWi ||^2 + || dE/dWt ||^2, B x B products instead of d x d ones,
+    with the energies stacked ([B, e, d] and [K, e, d]) so each step runs once for both."""
+    (ri, rt), (train_image, train_text) = spec.ratios, spec.trained
+    image, text = passed.image, passed.text
+    batch, classes = image.value.shape[0], text.value.shape[0]
+    energies = len(points) // batch
+    weights = torch.exp(similarity)
+    if spec.aggregate == "mean":
+        weights = weights / (batch * classes)
+    total = similarity.new_zeros(())
+    image_side = text_side = None
+    if train_image:
+        toward_text = weights @ text.value  # dE/dz, every energy's rows
+        toward_x = [toward_text[:batch]]
+        moved_side = None
+        if moved is not None:
+            at_moved = toward_text[batch:]
+            inner, inner_along = _project(at_moved, moved.value, moved.norm)  # dE/dm
+            toward_x.append(torch.addmm(inner, inner, generator.T))
+            moved_side = (at_moved, inner, inner_along)
+        at_x = torch.stack(toward_x, dim=1)  # [B, e, d]
+        grad_u, u_along = _project(at_x, image.value[:, None], image.norm[:, None])
+        gram_grad_u = (passed.features @ passed.features.T) @ grad_u.view(batch, -1)
+        total = total + ri**2 * torch.dot(grad_u.view(-1), gram_grad_u.view(-1))
+        image_side = (at_x, grad_u, u_along, gram_grad_u, moved_side)
+    if train_text:
+        toward_image = torch.stack(
+            [weights[e * batch : (e + 1) * batch].T @ points[e * batch : (e + 1) * batch]
+             for e in range(energies)],
+            dim=1,
+        )  # fmt: skip
+        grad_v, v_along = _project(toward_image, text.value[:, None], text.norm[:, None])
+        raw_text = passed.raw_text
+        gram_grad_v = (raw_text @ raw_text.T) @ grad_v.view(classes, -1)
+        total = total + rt**2 * torch.dot(grad_v.view(-1), gram_grad_v.view(-1))
+        text_side = (toward_image, grad_v, v_along, gram_grad_v)
+    scale = 1.0
+    if spec.reduction == "mean":
+        scale = 1.0 / (image.value.shape[-1] ** 2 * sum(spec.trained))
+    state = _EDRState(
+        spec, scale, energies, weights, points, passed, moved, generator, image_side, text_side
+    )
+    return total * scale, state
+
+
+def _edr_backward(
+    state: _EDRState, weight: torch.Tensor, need_generator: bool, need_raw_text: bool
+) -> EDRGradients:
+    """The gradients of ``weight * Le`` with respect to S, [x; xc], x, |u|, t, |v|, g (with
+    ``need_raw_text``) and, shifted, xc, |m| and G (with ``need_generator``): the forward's
+    chain run in reverse."""
+    (ri, rt), energies = state.spec.ratios, state.energies
+    image, text = state.passed.image, state.passed.text
+    batch, classes = image.value.shape[0], text.value.shape[0]
+    weight = weight * state.scale
+    out = EDRGradients()
+    grad_weights = None
+    if state.image_side is not None:
+        at_x, grad_u, u_along, gram_grad_u, moved_side = state.image_side
+        upstream = gram_grad_u.view_as(grad_u) * ((2 * ri**2) * weight)
+        grad_at_x, grad_x, grad_xn = _project_back(
+            upstream, grad_u, at_x, image.value[:, None], image.norm[:, None], u_along
+        )
+        out.image = grad_x.sum(1) if energies > 1 else grad_x[:, 0]
+        out.image_norm = grad_xn.sum(1) if energies > 1 else grad_xn[:, 0]
+        grad_toward_text = grad_at_x[:, 0]
+        if moved_side is not None:
+            at_moved, inner, inner_along = moved_side
+            grad_shifted_x = grad_at_x[:, 1]
+            if need_generator:
+                out.generator = grad_shifted_x.T @ inner
+            grad_inner = torch.addmm(grad_shifted_x, grad_shifted_x, state.generator)
+            grad_at_moved, out.moved, out.moved_norm = _project_back(
+                grad_inner, inner, at_moved, state.moved.value, state.moved.norm, inner_along
+            )
+            grad_toward_text = torch.cat([grad_toward_text, grad_at_moved])
+        grad_weights = grad_toward_text @ text.value.T
+        out.text = state.weights.T @ grad_toward_text
+    if state.text_side is not None:
+        toward_image, grad_v, v_along, gram_grad_v = state.text_side
+        coefficient = (2 * rt**2) * weight
+        upstream = gram_grad_v.view_as(grad_v) * coefficient
+        if need_raw_text:
+            flat = grad_v.view(classes, -1)
+            out.raw_text = ((flat @ flat.T) @ state.passed.raw_text) * coefficient
+        grad_toward_image, grad_t, grad_tn = _project_back(
+            upstream, grad_v, toward_image, text.value[:, None], text.norm[:, None], v_along
+        )
+        out.text = _add(out.text, grad_t.sum(1))
+        out.text_norm = grad_tn.sum(1)
+        by_energy = grad_toward_image.transpose(0, 1)  # [e, K, d]
+        grad_points = torch.bmm(state.weights.view(energies, batch, classes), by_energy)
+        out.points = grad_points.view(energies * batch, -1)
+        points = state.points.view(energies, batch, -1)
+        from_text = torch.bmm(points, by_energy.transpose(1, 2))
+        grad_weights = _add(grad_weights, from_text.view(energies * batch, classes))
+    out.similarity = grad_weights * state.weights
+    return out
