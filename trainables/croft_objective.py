@@ -61,7 +61,7 @@ class Unit:
         ``(g - u (u . g - gn |raw|)) / |raw|``."""
         along = (self.value * grad_value).sum(-1, keepdim=True)
         if grad_norm is not None:
-            along = along - grad_norm * self.norm
+            along = torch.addcmul(along, grad_norm, self.norm, value=-1.0)
         return torch.addcmul(grad_value, self.value, along, value=-1.0) / self.norm
 
 
@@ -86,6 +86,12 @@ class SameClass:
     @classmethod
     def of(cls, labels: torch.Tensor, dtype: torch.dtype) -> SameClass:
         mask = (labels[:, None] == labels[None, :]).to(dtype)
+        return cls(mask, mask.sum())
+
+    @classmethod
+    def of_onehot(cls, onehot: torch.Tensor) -> SameClass:
+        """From the one-hot labels [B, K]: the mask is onehot onehot^T (exact, 0 and 1)."""
+        mask = onehot @ onehot.T
         return cls(mask, mask.sum())
 
 
@@ -126,15 +132,17 @@ class Batch:
     labels: torch.Tensor
     onehot: torch.Tensor  # [B, K]
     same: SameClass
-    toward_class: torch.Tensor  # [B, d], the mean same-class ID feature of each row
+    same_mean: torch.Tensor  # [B, B], the mask over the number of pairs
+    toward_class: torch.Tensor  # [B, d], same_mean @ x
 
     @classmethod
     def of(
         cls, image: torch.Tensor, labels: torch.Tensor, classes: int, same: SameClass | None = None
     ) -> Batch:
-        same = same or SameClass.of(labels, image.dtype)
-        onehot = F.one_hot(labels, classes).to(image.dtype)
-        return cls(labels, onehot, same, (same.mask @ image) / same.pairs)
+        onehot = image.new_zeros(len(labels), classes).scatter_(1, labels[:, None], 1.0)
+        same = same or SameClass.of_onehot(onehot)
+        same_mean = same.mask / same.pairs
+        return cls(labels, onehot, same, same_mean, same_mean @ image)
 
 
 def _generator_gradient(
@@ -258,14 +266,14 @@ class CRoFTObjective(torch.autograd.Function):
         similarity = points @ text.value.T
         log_probs = torch.log_softmax(settings.logit_scale * similarity, dim=-1)
         ce = F.nll_loss(log_probs[:rows], batch.labels)
-        shift_term = ce.new_zeros(())
+        loss, shift_term, edr_term, edr_state = ce, None, None, None
         if moved is not None:
             pulled = torch.dot(moved.value.view(-1), batch.toward_class.view(-1))
             shift_term = (
                 F.nll_loss(log_probs[rows:], batch.labels)
                 + (settings.shift_sign * settings.lambda1) * pulled
             )
-        edr_term, edr_state = ce.new_zeros(()), None
+            loss = loss + shift_term
         if settings.edr is not None:
             on_shifted = moved if settings.edr_on_shifted else None
             energy_rows = similarity if on_shifted is not None else similarity[:rows]
@@ -274,13 +282,15 @@ class CRoFTObjective(torch.autograd.Function):
                 energy_rows, energy_points, passed, on_shifted, generator, settings.edr
             )
             edr_term = settings.lambda2 * value
+            loss = loss + edr_term
         ctx.set_materialize_grads(False)
         ctx.saved = _Saved(passed, batch, moved, points, log_probs, edr_state)
         ctx.settings = settings
         # The tensors are saved here as well so that autograd catches an in-place change
         # to a parameter between this forward and its backward.
         ctx.save_for_backward(image_adapter, text_adapter, generator)
-        return ce + shift_term + edr_term, ce, shift_term, edr_term
+        absent = ce.new_zeros(()) if shift_term is None or edr_term is None else None
+        return loss, ce, _or(shift_term, absent), _or(edr_term, absent)
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -295,9 +305,18 @@ class CRoFTObjective(torch.autograd.Function):
         settings: ObjectiveSettings = ctx.settings
         passed, batch, moved = saved.passed, saved.batch, saved.moved
         image, text = passed.image, passed.text
-        weight_ce = _add(grad_loss, grad_ce)
-        weight_shift = _add(grad_loss, grad_shift) if moved is not None else None
-        weight_edr = _add(grad_loss, grad_edr) if saved.edr is not None else None
+        weight_ce: Any = _add(grad_loss, grad_ce)
+        weight_shift: Any = _add(grad_loss, grad_shift) if moved is not None else None
+        weight_edr: Any = _add(grad_loss, grad_edr) if saved.edr is not None else None
+        common = None
+        if grad_ce is None and grad_shift is None and grad_edr is None and grad_loss is not None:
+            # Training: every term has the loss's gradient, a factor the whole backward is
+            # linear in, so it runs with Python-float weights (folded into the constants)
+            # and the factor scales the parameters' gradients once at the end.
+            common = grad_loss
+            weight_ce, weight_shift, weight_edr = (
+                None if w is None else 1.0 for w in (weight_ce, weight_shift, weight_edr)
+            )
         rows = len(batch.labels)
         scale = settings.logit_scale / rows
 
@@ -323,7 +342,7 @@ class CRoFTObjective(torch.autograd.Function):
             # Lc = <xc, M x> / pairs, M symmetric: dxc = M x / pairs, dx = M xc / pairs.
             pull = weight_shift * (settings.shift_sign * settings.lambda1)
             grad_moved = batch.toward_class * pull
-            grad_image = (batch.same.mask @ moved.value) * (pull / batch.same.pairs)
+            grad_image = (batch.same_mean @ moved.value) * pull
         if weight_edr is not None:
             grads = _edr_backward(
                 saved.edr,
@@ -368,20 +387,24 @@ class CRoFTObjective(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_text_adapter = grad_v.T @ passed.raw_text * ratio_text
             if ctx.needs_input_grad[3]:
-                identity = torch.eye(len(text_adapter), dtype=grad_v.dtype, device=grad_v.device)
-                through = torch.addmm(grad_v, grad_v, text_adapter - identity, alpha=ratio_text)
+                # dv (I + rt (Wt - I)) = (1 - rt) dv + rt dv Wt
+                through = torch.addmm(
+                    grad_v, grad_v, text_adapter, beta=1.0 - ratio_text, alpha=ratio_text
+                )
                 grad_raw_text = _add(grad_raw_text, through)
-        if not ctx.needs_input_grad[2]:
-            grad_generator = None
-        return (
+        grads = (
             grad_image_adapter,
             grad_text_adapter,
-            grad_generator,
+            grad_generator if ctx.needs_input_grad[2] else None,
             grad_raw_text if ctx.needs_input_grad[3] else None,
-            None,
-            None,
-            None,
         )
+        if common is not None:
+            grads = tuple(None if g is None else g * common for g in grads)
+        return (*grads, None, None, None)
+
+
+def _or(value: torch.Tensor | None, default: torch.Tensor | None) -> torch.Tensor | None:
+    return default if value is None else value
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
@@ -481,7 +504,7 @@ def _edr_forward(
     weights = torch.exp(similarity)
     if spec.aggregate == "mean":
         weights = weights / (batch * classes)
-    total = similarity.new_zeros(())
+    parts = []
     image_side = text_side = None
     if train_image:
         toward_text = weights @ text.value  # dE/dz, every energy's rows
@@ -495,7 +518,7 @@ def _edr_forward(
         at_x = torch.stack(toward_x, dim=1)  # [B, e, d]
         grad_u, u_along = _project(at_x, image.value[:, None], image.norm[:, None])
         gram_grad_u = (passed.features @ passed.features.T) @ grad_u.view(batch, -1)
-        total = total + ri**2 * torch.dot(grad_u.view(-1), gram_grad_u.view(-1))
+        parts.append(ri**2 * torch.dot(grad_u.view(-1), gram_grad_u.view(-1)))
         image_side = (at_x, grad_u, u_along, gram_grad_u, moved_side)
     if train_text:
         toward_image = torch.stack(
@@ -506,7 +529,7 @@ def _edr_forward(
         grad_v, v_along = _project(toward_image, text.value[:, None], text.norm[:, None])
         raw_text = passed.raw_text
         gram_grad_v = (raw_text @ raw_text.T) @ grad_v.view(classes, -1)
-        total = total + rt**2 * torch.dot(grad_v.view(-1), gram_grad_v.view(-1))
+        parts.append(rt**2 * torch.dot(grad_v.view(-1), gram_grad_v.view(-1)))
         text_side = (toward_image, grad_v, v_along, gram_grad_v)
     scale = 1.0
     if spec.reduction == "mean":
@@ -514,7 +537,8 @@ def _edr_forward(
     state = _EDRState(
         spec, scale, energies, weights, points, passed, moved, generator, image_side, text_side
     )
-    return total * scale, state
+    total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    return total * scale if scale != 1.0 else total, state
 
 
 def _edr_backward(
@@ -526,7 +550,7 @@ def _edr_backward(
     (ri, rt), energies = state.spec.ratios, state.energies
     image, text = state.passed.image, state.passed.text
     batch, classes = image.value.shape[0], text.value.shape[0]
-    weight = weight * state.scale
+    weight = weight * state.scale  # a Python float in training
     out = EDRGradients()
     grad_weights = None
     if state.image_side is not None:
