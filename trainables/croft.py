@@ -238,7 +238,7 @@ class CRoFT(Method):
         raw_text = self.raw_text()  # a graph into the prompt learner when n_ctx > 0
         with torch.no_grad():
             passed = self.adapter_pass(features, raw_text.detach())
-            batch = Batch.of(passed.image.value, labels, len(raw_text))
+            batch = Batch.of(passed.image.value, labels, raw_text.shape[0])
             settings = self.objective_settings()
             if step_generator_first and self.worst_case:
                 step_generator(

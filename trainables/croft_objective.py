@@ -66,7 +66,7 @@ class Unit:
 
 
 def unit(raw: torch.Tensor) -> Unit:
-    norm = raw.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    norm = torch.linalg.vector_norm(raw, dim=-1, keepdim=True).clamp_min(NORM_EPS)
     return Unit(raw / norm, norm)
 
 
@@ -139,7 +139,7 @@ class Batch:
     def of(
         cls, image: torch.Tensor, labels: torch.Tensor, classes: int, same: SameClass | None = None
     ) -> Batch:
-        onehot = image.new_zeros(len(labels), classes).scatter_(1, labels[:, None], 1.0)
+        onehot = image.new_zeros(labels.shape[0], classes).scatter_(1, labels[:, None], 1.0)
         same = same or SameClass.of_onehot(onehot)
         same_mean = same.mask / same.pairs
         return cls(labels, onehot, same, same_mean, same_mean @ image)
@@ -155,7 +155,7 @@ def _generator_gradient(
 ) -> torch.Tensor:
     moved = shift(image, generator)
     residual = torch.softmax(logit_scale * moved.value @ text.T, dim=-1) - batch.onehot
-    scale = logit_scale / len(batch.labels)
+    scale = logit_scale / batch.labels.shape[0]
     grad_moved = torch.addmm(batch.toward_class, residual, text, beta=lambda1, alpha=scale)
     return image.T @ moved.pullback(grad_moved)
 
@@ -257,7 +257,7 @@ class CRoFTObjective(torch.autograd.Function):
         settings: ObjectiveSettings,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         image, text = passed.image, passed.text
-        rows = len(batch.labels)
+        rows = batch.labels.shape[0]
         moved = None
         points = image.value
         if generator is not None:
@@ -317,7 +317,7 @@ class CRoFTObjective(torch.autograd.Function):
             weight_ce, weight_shift, weight_edr = (
                 None if w is None else 1.0 for w in (weight_ce, weight_shift, weight_edr)
             )
-        rows = len(batch.labels)
+        rows = batch.labels.shape[0]
         scale = settings.logit_scale / rows
 
         # Both cross-entropies: s (softmax - onehot) / B per row, weighted per term.
@@ -363,10 +363,11 @@ class CRoFTObjective(torch.autograd.Function):
         if grad_similarity is not None:
             from_similarity = grad_similarity @ text.value
             grad_points = _add_rows(grad_points, from_similarity)
-            grad_text = _add(grad_text, grad_similarity.T @ saved.points[: len(grad_similarity)])
+            used = saved.points[: grad_similarity.shape[0]]
+            grad_text = _add(grad_text, grad_similarity.T @ used)
         if grad_points is not None:
             grad_image = _add(grad_image, grad_points[:rows])
-            if len(grad_points) > rows:
+            if grad_points.shape[0] > rows:
                 grad_moved = _add(grad_moved, grad_points[rows:])
 
         # Through xc = n(m), m = x G + x.
@@ -415,11 +416,12 @@ def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor
 
 def _add_rows(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
     """``total + value`` where one of them may cover only the other's first rows."""
-    if total is None or value is None or len(value) == len(total):
+    if total is None or value is None or value.shape[0] == total.shape[0]:
         return _add(total, value)
-    if len(value) > len(total):
+    if value.shape[0] > total.shape[0]:
         total, value = value, total
-    return torch.cat([total[: len(value)] + value, total[len(value) :]])
+    rows = value.shape[0]
+    return torch.cat([total[:rows] + value, total[rows:]])
 
 
 # -- EDR ------------------------------------------------------------------------------------
@@ -500,7 +502,7 @@ def _edr_forward(
     (ri, rt), (train_image, train_text) = spec.ratios, spec.trained
     image, text = passed.image, passed.text
     batch, classes = image.value.shape[0], text.value.shape[0]
-    energies = len(points) // batch
+    energies = points.shape[0] // batch
     weights = torch.exp(similarity)
     if spec.aggregate == "mean":
         weights = weights / (batch * classes)

@@ -78,14 +78,17 @@ def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterato
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, hp["batch_size"]):
             index = order[start : start + hp["batch_size"]]
-            view = torch.randint(n_views, (len(index),), generator=generator)
+            view = torch.randint(n_views, (index.shape[0],), generator=generator)
             features = data.views[index, view].to(device)
             labels = method.targets(data.labels[index], index).to(device)
             domains = data.domains[index].to(device)
             loss, parts = method.training_loss(features, labels, domains)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss became {float(loss.detach())} in epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"loss became {value} in epoch {epoch}")
+            # What optimizer.zero_grad(set_to_none=True) does, without its profiling hook.
+            for param in params:
+                param.grad = None
             loss.backward()
             optimizer.step()
             for key, value in parts.items():
