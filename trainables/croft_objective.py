@@ -226,7 +226,7 @@ class _Saved:
     moved: Unit | None
     points: torch.Tensor  # [x; xc] or x
     log_probs: torch.Tensor  # log-softmax of [s S; s Sc]
-    edr: Any  # _EDRState or None
+    edr: _EDRState | None
 
 
 class CRoFTObjective(torch.autograd.Function):
