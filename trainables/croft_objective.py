@@ -52,16 +52,15 @@ class Unit:
     value: torch.Tensor
     norm: torch.Tensor  # [N, 1]
 
-    def pullback(self, grad: torch.Tensor) -> torch.Tensor:
-        """dL/d(raw) from dL/d(value): ``(g - u (u . g)) / |raw|`` row by row."""
-        return _project(grad, self.value, self.norm)[0]
-
-    def backward(self, grad_value: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
-        """dL/d(raw) from the gradients with respect to ``value`` and to ``norm``:
-        ``(g - u (u . g - gn |raw|)) / |raw|``."""
+    def backward(
+        self, grad_value: torch.Tensor, grad_norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """dL/d(raw) from the gradients with respect to ``value`` and (if any) ``norm``:
+        ``(g - u (u . g - gn |raw|)) / |raw|`` row by row."""
+        if grad_norm is None:
+            return _project(grad_value, self.value, self.norm)[0]
         along = (self.value * grad_value).sum(-1, keepdim=True)
-        if grad_norm is not None:
-            along = torch.addcmul(along, grad_norm, self.norm, value=-1.0)
+        along = torch.addcmul(along, grad_norm, self.norm, value=-1.0)
         return torch.addcmul(grad_value, self.value, along, value=-1.0) / self.norm
 
 
@@ -157,7 +156,7 @@ def _generator_gradient(
     residual = torch.softmax(logit_scale * moved.value @ text.T, dim=-1) - batch.onehot
     scale = logit_scale / batch.labels.shape[0]
     grad_moved = torch.addmm(batch.toward_class, residual, text, beta=lambda1, alpha=scale)
-    return image.T @ moved.pullback(grad_moved)
+    return image.T @ moved.backward(grad_moved)
 
 
 def step_generator(
@@ -289,8 +288,11 @@ class CRoFTObjective(torch.autograd.Function):
         # The tensors are saved here as well so that autograd catches an in-place change
         # to a parameter between this forward and its backward.
         ctx.save_for_backward(image_adapter, text_adapter, generator)
-        absent = ce.new_zeros(()) if shift_term is None or edr_term is None else None
-        return loss, ce, _or(shift_term, absent), _or(edr_term, absent)
+        if shift_term is None:
+            shift_term = ce.new_zeros(())
+        if edr_term is None:
+            edr_term = ce.new_zeros(())
+        return loss, ce, shift_term, edr_term
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -309,11 +311,12 @@ class CRoFTObjective(torch.autograd.Function):
         weight_shift: Any = _add(grad_loss, grad_shift) if moved is not None else None
         weight_edr: Any = _add(grad_loss, grad_edr) if saved.edr is not None else None
         common = None
+        uniform = moved is None  # one weight for every row of the cross-entropies
         if grad_ce is None and grad_shift is None and grad_edr is None and grad_loss is not None:
             # Training: every term has the loss's gradient, a factor the whole backward is
             # linear in, so it runs with Python-float weights (folded into the constants)
             # and the factor scales the parameters' gradients once at the end.
-            common = grad_loss
+            common, uniform = grad_loss, True
             weight_ce, weight_shift, weight_edr = (
                 None if w is None else 1.0 for w in (weight_ce, weight_shift, weight_edr)
             )
@@ -324,8 +327,7 @@ class CRoFTObjective(torch.autograd.Function):
         residual = torch.exp(saved.log_probs).view(-1, rows, batch.onehot.shape[1])
         residual = residual - batch.onehot
         grad_similarity = None
-        if moved is None or weight_ce is weight_shift:
-            # One weight for every row: no generator, or training (both are grad_loss).
+        if uniform:
             if weight_ce is not None:
                 grad_similarity = residual.view(-1, residual.shape[2]) * (weight_ce * scale)
         elif weight_ce is not None or weight_shift is not None:
@@ -404,10 +406,6 @@ class CRoFTObjective(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def _or(value: torch.Tensor | None, default: torch.Tensor | None) -> torch.Tensor | None:
-    return default if value is None else value
-
-
 def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
     if value is None:
         return total
@@ -428,7 +426,7 @@ def _add_rows(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.T
 def _project(
     grad: torch.Tensor, unit_value: torch.Tensor, norm: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(g - w (w . g)) / n`` row by row (`Unit.pullback`) and the dot products ``w . g``,
+    """``(g - w (w . g)) / n`` row by row (`Unit.backward`) and the dot products ``w . g``,
     which its backward reuses; ``w`` and ``n`` broadcast against ``g``."""
     along = (unit_value * grad).sum(-1, keepdim=True)
     return torch.addcmul(grad, unit_value, along, value=-1.0) / norm, along
@@ -468,7 +466,7 @@ class _EDRState:
 
 
 @dataclass
-class EDRGradients:
+class _EDRGradients:
     similarity: torch.Tensor | None = None
     points: torch.Tensor | None = None
     image: torch.Tensor | None = None
@@ -545,7 +543,7 @@ def _edr_forward(
 
 def _edr_backward(
     state: _EDRState, weight: torch.Tensor, need_generator: bool, need_raw_text: bool
-) -> EDRGradients:
+) -> _EDRGradients:
     """The gradients of ``weight * Le`` with respect to S, [x; xc], x, |u|, t, |v|, g (with
     ``need_raw_text``) and, shifted, xc, |m| and G (with ``need_generator``): the forward's
     chain run in reverse."""
@@ -553,7 +551,7 @@ def _edr_backward(
     image, text = state.passed.image, state.passed.text
     batch, classes = image.value.shape[0], text.value.shape[0]
     weight = weight * state.scale  # a Python float in training
-    out = EDRGradients()
+    out = _EDRGradients()
     grad_weights = None
     if state.image_side is not None:
         at_x, grad_u, u_along, gram_grad_u, moved_side = state.image_side

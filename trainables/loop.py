@@ -83,9 +83,9 @@ def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterato
             labels = method.targets(data.labels[index], index).to(device)
             domains = data.domains[index].to(device)
             loss, parts = method.training_loss(features, labels, domains)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"loss became {value} in epoch {epoch}")
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"loss became {loss_value} in epoch {epoch}")
             # What optimizer.zero_grad(set_to_none=True) does, without its profiling hook.
             for param in params:
                 param.grad = None
