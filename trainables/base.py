@@ -113,6 +113,8 @@ class MethodContext:
     embed_dim: int
     train: TrainData
     device: torch.device
+    # The dataset's name, for methods whose reference code switches on it (CRoFT on VLCS).
+    dataset: str = ""
     # Opening the text tower is deferred to the methods that run it (prompt learners), so
     # methods on fixed text features work with any backbone.
     make_text_encoder: Callable[[], FrozenTextEncoder] | None = None
@@ -161,12 +163,22 @@ class Method(nn.Module):
         ``index`` are the rows of the batch in the training set."""
         return labels
 
+    @classmethod
+    def resolve(cls, hp: dict[str, Any], given: set[str]) -> dict[str, Any]:
+        """The resolved hyper-parameters, after presets that depend on others (``given``:
+        the keys the configuration set); raises ConfigError for contradicting values."""
+        return hp
+
     def training_loss(
         self,
         features: torch.Tensor,
         labels: torch.Tensor,
         domains: torch.Tensor,
+        update: Callable[[torch.Tensor], None] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The batch's loss and its parts. ``update(loss)`` takes one step of the loop's
+        optimiser on ``loss`` (zero gradients, backward keeping the graph, step), for
+        methods that step inside a batch (the reference CRoFT's generator steps)."""
         logits = self.logits(features, domains)
         loss = F.cross_entropy(logits, labels)
         parts = {"ce": float(loss.detach())}

@@ -35,6 +35,9 @@ Switches, all plain hyper-parameters so a search grid can express the paper's ab
 - lambda2 = 0 skips the EDR double backward; edr_on_shifted adds Le on the shifted features
   (in the worst-case branch only, as the reference does).
 - ratio_image = 0 or ratio_text = 0: that adapter has no effect, so it is a frozen buffer.
+- variant: "paper" (these equations, the hand-written objective), "reference" (what the
+  authors' code computes, `trainables.croft_variants`, by plain autograd) or "custom" (each
+  switch of `croft_variants.SWITCHES` as given); docs/croft_reference.md lists them.
 - edr_energy: with the energy summed over the batch, Le grows with (batch * classes)^2 and
   at lambda2 >= 1 it outweighs the cross-entropy until the features collapse; the mean
   keeps Le independent of batch size and class count, and is what the reference computes
@@ -50,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainables import croft_variants
 from trainables.base import HParam, Method, MethodContext
 from trainables.croft_objective import (
     AdapterPass,
@@ -127,7 +131,17 @@ class CRoFT(Method):
         # differentiating mean(E(theta + delta) - E(theta)); the two differ by (B*K)^2 in Le.
         # "mean" by default: the reference differentiates mean(E(theta+delta) - E(theta)).
         "edr_energy": HParam("mean", choices=("sum", "mean"), help="E over batch and classes"),
+        "variant": HParam(
+            "paper",
+            choices=croft_variants.VARIANTS,
+            help="paper: the equations; reference: the authors' code; custom: switches as given",
+        ),
+        **{switch.name: switch.hparam() for switch in croft_variants.SWITCHES},
     }
+
+    @classmethod
+    def resolve(cls, hp: dict[str, Any], given: set[str]) -> dict[str, Any]:
+        return croft_variants.resolve_variant(hp, given)
 
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__(context, hp)
@@ -139,8 +153,18 @@ class CRoFT(Method):
         self.gen_steps = hp["gen_steps"]
         self.edr_reduction = hp["edr_reduction"]
         self.edr_energy = hp["edr_energy"]
-        self.use_generator = self.lambda1 > 0
-        self.worst_case = self.use_generator and self.gen_steps > 0
+        self.hand_written = croft_variants.is_paper(hp)
+        self.use_generator = self.lambda1 > 0 or not hp["lambda1_zero_disables_generator"]
+        skip_dataset = hp["worst_case_datasets"] == "not_vlcs" and "vlcs" in context.dataset.lower()
+        self.worst_case = self.use_generator and self.gen_steps > 0 and not skip_dataset
+        # G takes the main step's gradient when it trains jointly (no inner steps) or, in
+        # the reference, because every optimiser steps on every loss.
+        self.generator_in_main_step = self.use_generator and (
+            self.gen_steps == 0 or hp["gen_in_main_step"]
+        )
+        self.generator_in_main_optimizer = self.generator_in_main_step or (
+            self.use_generator and hp["gen_optimizer"] == "main"
+        )
         # Shifted features join the EDR only in the worst-case branch, as in the reference
         # (METHODS.md: Le(zI) + Le(zI^c) there; joint training penalises ID features only).
         self.edr_on_shifted = self.worst_case and hp["edr_on_shifted"]
@@ -202,11 +226,11 @@ class CRoFT(Method):
 
     # -- training -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
-        # In the worst-case branch the generator takes its own steps (`step_generator`).
+        # In the paper's worst-case branch the generator takes its own steps.
         return [
             p
             for p in self.parameters()
-            if p.requires_grad and not (self.worst_case and p is self.generator)
+            if p.requires_grad and (p is not self.generator or self.generator_in_main_optimizer)
         ]
 
     def objective_settings(self) -> ObjectiveSettings:
@@ -267,16 +291,26 @@ class CRoFT(Method):
     def extra_losses(
         self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        terms = self._losses(features, labels, step_generator_first=False)[1]
+        if self.hand_written:
+            terms = self._losses(features, labels, step_generator_first=False)[1]
+        else:
+            terms = croft_variants.training_loss(self, features, labels, inner_steps=False)[1]
         del terms["ce"]
         return terms
 
     def training_loss(
-        self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        domains: torch.Tensor,
+        update: croft_variants.Update | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         # CE(logits) + sum(extra_losses) as in the base class, as one node, after the
         # generator's inner steps in the worst-case branch.
-        loss, terms = self._losses(features, labels, step_generator_first=True)
+        if self.hand_written:
+            loss, terms = self._losses(features, labels, step_generator_first=True)
+        else:
+            loss, terms = croft_variants.training_loss(self, features, labels, update)
         return loss, {key: float(value.detach()) for key, value in terms.items()}
 
 

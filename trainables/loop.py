@@ -68,6 +68,13 @@ def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterato
     generator = torch.Generator().manual_seed(hp["seed"])
     n, n_views = data.views.shape[:2]
     device = params[0].device
+
+    def update(loss: torch.Tensor) -> None:
+        for param in params:
+            param.grad = None
+        loss.backward(retain_graph=True)
+        optimizer.step()
+
     for epoch in range(hp["epochs"]):
         method.train()
         lr = learning_rate(epoch, hp)
@@ -82,7 +89,7 @@ def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterato
             features = data.views[index, view].to(device)
             labels = method.targets(data.labels[index], index).to(device)
             domains = data.domains[index].to(device)
-            loss, parts = method.training_loss(features, labels, domains)
+            loss, parts = method.training_loss(features, labels, domains, update)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(f"loss became {loss_value} in epoch {epoch}")

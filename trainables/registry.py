@@ -71,4 +71,6 @@ def resolve_hparams(method: str, overrides: dict[str, Any] | None = None) -> dic
             f"unknown hyper-parameter(s) {', '.join(unknown)} for method {method}; "
             f"known: {', '.join(sorted(specs))}"
         )
-    return {key: spec.coerce(key, overrides.get(key, spec.default)) for key, spec in specs.items()}
+    resolved = {key: specs[key].coerce(key, value) for key, value in overrides.items()}
+    hp = {key: resolved.get(key, spec.default) for key, spec in specs.items()}
+    return get_method(method).resolve(hp, set(overrides))

@@ -55,6 +55,7 @@ class TrialResources:
     splits: dict[str, SplitFeatures]
     class_text: torch.Tensor
     template: str
+    dataset: str = ""
 
     @classmethod
     def load(
@@ -79,7 +80,7 @@ class TrialResources:
         }
         classnames = next(iter(splits.values())).classnames
         class_text = cache.text_features(class_prompts(spec.prompt_template, classnames))
-        return cls(loaded, splits, class_text, spec.prompt_template)
+        return cls(loaded, splits, class_text, spec.prompt_template, spec.name)
 
     def text_encoder(self) -> FrozenTextEncoder:
         return FrozenTextEncoder(self.backbone)
@@ -169,6 +170,7 @@ def build_method(
         embed_dim=resources.backbone.embed_dim,
         train=data,
         device=device,
+        dataset=resources.dataset,
         make_text_encoder=resources.text_encoder,
     )
     torch.manual_seed(hp["seed"])
