@@ -133,14 +133,14 @@ def reference_step(
 def test_reference_variant_steps_as_the_authors_trainer(
     dataset: str, overrides: dict[str, Any]
 ) -> None:
-    method, data = tiny(dataset, variant="reference", **overrides)
+    method, data = tiny(dataset, implementation="reference", **overrides)
     want = reference_step(method, data, dataset)
     train(method, data, method.hp)
     got = (method.image_adapter, method.text_adapter, method.generator)
     for name, a, b in zip(("Wi", "Wt", "G"), got, want, strict=True):
         torch.testing.assert_close(a.detach(), b, rtol=1e-9, atol=1e-12, msg=name)
     # Not trivially equal: every matrix moved.
-    fresh, _ = tiny(dataset, variant="reference", **overrides)
+    fresh, _ = tiny(dataset, implementation="reference", **overrides)
     for name, a, b in zip(("Wi", "Wt", "G"), got, fresh.parameters(), strict=True):
         assert (a.detach() - b.detach()).abs().max() > 1e-5, name
 
@@ -149,7 +149,7 @@ def test_the_reference_generator_moves_with_the_adapters_and_the_paper_one_alone
     """Item 3/4: the reference steps every optimiser on the generator's loss (momentum and
     weight decay included); the paper's generator takes plain SGD steps at gen_lr alone."""
     for variant, adapters_move in (("paper", False), ("reference", True)):
-        method, data = tiny(variant=variant, gen_steps=2, lr=0.0, warmup_epochs=0)
+        method, data = tiny(implementation=variant, gen_steps=2, lr=0.0, warmup_epochs=0)
         start = [p.detach().clone() for p in (method.image_adapter, method.generator)]
         losses = []
 
@@ -200,7 +200,7 @@ def test_edr_perturbation_shared_delta_and_product_by_finite_differences(
     with one delta for both adapters (|gi + gt|^2) or one each (|gi|^2 + |gt|^2), and the
     adapters applied as f @ W.T or f @ W; the gradients here by central differences."""
     switches = {"edr_shared_delta": shared, "edr_transpose": transpose, "edr_delta": 1e-4}
-    method, data = tiny(variant="custom", lambda1=0.0, **switches)
+    method, data = tiny(implementation="custom", lambda1=0.0, **switches)
     wi, wt = method.image_adapter.detach(), method.text_adapter.detach()
     f, g = data.clean, method.class_text
     ri, rt = method.ratio_image, method.ratio_text
@@ -224,7 +224,7 @@ def test_stacked_shifted_rows_take_one_mean_over_both_blocks() -> None:
     """Item 6: with xc stacked, E is the mean over 2B x K, so the penalty is |(gx + gc)/2|^2,
     against |gx|^2 + |gc|^2 for two penalties."""
     switches = {"edr_stack_shifted": True, "edr_shifted_readapt": True}
-    method, data = tiny(variant="custom", lambda1=5.0, gen_steps=1, **switches)
+    method, data = tiny(implementation="custom", lambda1=5.0, gen_steps=1, **switches)
     shifted = F.normalize(torch.randn(6, DIM, dtype=torch.float64), dim=-1)
     stacked = croft_variants.edr_term(method, data.clean, method.raw_text(), shifted, None)
     alone = method.hp | {"edr_stack_shifted": False}
@@ -265,7 +265,7 @@ PAPER_BRANCHES = [
 def test_autograd_step_with_paper_switches_is_the_hand_written_objective(
     overrides: dict[str, Any],
 ) -> None:
-    method, data = tiny(variant="paper", **overrides)
+    method, data = tiny(implementation="paper", **overrides)
     assert method.hand_written
     params = method.trainable_parameters()
     f, y = data.clean, data.labels
@@ -279,37 +279,47 @@ def test_autograd_step_with_paper_switches_is_the_hand_written_objective(
 
 
 def test_paper_generator_steps_match_in_both_implementations() -> None:
-    hand, data = tiny(variant="paper", lambda1=5.0, gen_steps=3, gen_lr=0.05)
-    twin, _ = tiny(variant="paper", lambda1=5.0, gen_steps=3, gen_lr=0.05)
+    hand, data = tiny(implementation="paper", lambda1=5.0, gen_steps=3, gen_lr=0.05)
+    twin, _ = tiny(implementation="paper", lambda1=5.0, gen_steps=3, gen_lr=0.05)
     hand.training_loss(data.clean, data.labels, data.domains)
     croft_variants.training_loss(twin, data.clean, data.labels)
     moved = hand.generator.detach()
     torch.testing.assert_close(moved, twin.generator.detach(), rtol=1e-12, atol=1e-14)
-    assert (moved - tiny(variant="paper", lambda1=5.0)[0].generator.detach()).abs().max() > 1e-4
+    start = tiny(implementation="paper", lambda1=5.0)[0].generator.detach()
+    assert (moved - start).abs().max() > 1e-4
 
 
 def test_reference_lambda1_zero_keeps_the_generator_and_vlcs_drops_the_worst_case() -> None:
-    paper, _ = tiny(variant="paper", lambda1=0.0)
-    reference, _ = tiny(variant="reference", lambda1=0.0)
+    paper, _ = tiny(implementation="paper", lambda1=0.0)
+    reference, _ = tiny(implementation="reference", lambda1=0.0)
     assert paper.generator is None and reference.generator is not None
     assert reference.worst_case
-    vlcs, _ = tiny("VLCS", variant="reference", lambda1=5.0)
+    vlcs, _ = tiny("VLCS", implementation="reference", lambda1=5.0)
     assert vlcs.generator is not None and not vlcs.worst_case and vlcs.generator_in_main_step
-    vlcs_paper, _ = tiny("VLCS", variant="paper", lambda1=5.0)
+    vlcs_paper, _ = tiny("VLCS", implementation="paper", lambda1=5.0)
     assert vlcs_paper.worst_case
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"variant": "authors"}, "variant='authors' must be one of paper, reference, custom"),
         (
-            {"variant": "reference", "lc_norm": "pairs"},
-            "lc_norm='pairs' contradicts variant=reference",
+            {"implementation": "authors"},
+            "implementation='authors' must be one of paper, reference, custom",
         ),
-        ({"variant": "paper", "edr_delta": 1e-4}, "edr_delta=0.0001 contradicts variant=paper"),
-        ({"variant": "custom", "lc_norm": "some"}, "lc_norm='some' must be one of pairs, all"),
-        ({"variant": "custom", "gen_in_main_step": True}, "needs gen_optimizer=main"),
+        (
+            {"implementation": "reference", "lc_norm": "pairs"},
+            "lc_norm='pairs' contradicts implementation=reference",
+        ),
+        (
+            {"implementation": "paper", "edr_delta": 1e-4},
+            "edr_delta=0.0001 contradicts implementation=paper",
+        ),
+        (
+            {"implementation": "custom", "lc_norm": "some"},
+            "lc_norm='some' must be one of pairs, all",
+        ),
+        ({"implementation": "custom", "gen_in_main_step": True}, "needs gen_optimizer=main"),
     ],
 )
 def test_bad_variant_settings_are_one_line_errors(overrides: dict[str, Any], message: str) -> None:
@@ -319,11 +329,12 @@ def test_bad_variant_settings_are_one_line_errors(overrides: dict[str, Any], mes
 
 
 def test_variant_presets_fill_every_switch_and_custom_mixes_them() -> None:
-    reference = resolve_hparams("croft", {"variant": "reference"})
+    reference = resolve_hparams("croft", {"implementation": "reference"})
     assert {s.name: reference[s.name] for s in croft_variants.SWITCHES} == croft_variants.preset(
         "reference"
     )
-    assert resolve_hparams("croft", {"variant": "reference", "lc_norm": "all"})["lc_norm"] == "all"
-    mixed = resolve_hparams("croft", {"variant": "custom", "lc_norm": "all"})
+    same = resolve_hparams("croft", {"implementation": "reference", "lc_norm": "all"})
+    assert same["lc_norm"] == "all"
+    mixed = resolve_hparams("croft", {"implementation": "custom", "lc_norm": "all"})
     assert mixed["lc_norm"] == "all" and mixed["edr_delta"] == 0.0
     assert croft_variants.is_paper(resolve_hparams("croft"))

@@ -35,7 +35,7 @@ Switches, all plain hyper-parameters so a search grid can express the paper's ab
 - lambda2 = 0 skips the EDR double backward; edr_on_shifted adds Le on the shifted features
   (in the worst-case branch only, as the reference does).
 - ratio_image = 0 or ratio_text = 0: that adapter has no effect, so it is a frozen buffer.
-- variant: "paper" (these equations, the hand-written objective), "reference" (what the
+- implementation: "paper" (these equations, the hand-written objective), "reference" (what the
   authors' code computes, `trainables.croft_variants`, by plain autograd) or "custom" (each
   switch of `croft_variants.SWITCHES` as given); docs/croft_reference.md lists them.
 - edr_energy: with the energy summed over the batch, Le grows with (batch * classes)^2 and
@@ -131,9 +131,9 @@ class CRoFT(Method):
         # differentiating mean(E(theta + delta) - E(theta)); the two differ by (B*K)^2 in Le.
         # "mean" by default: the reference differentiates mean(E(theta+delta) - E(theta)).
         "edr_energy": HParam("mean", choices=("sum", "mean"), help="E over batch and classes"),
-        "variant": HParam(
+        "implementation": HParam(
             "paper",
-            choices=croft_variants.VARIANTS,
+            choices=croft_variants.IMPLEMENTATIONS,
             help="paper: the equations; reference: the authors' code; custom: switches as given",
         ),
         **{switch.name: switch.hparam() for switch in croft_variants.SWITCHES},

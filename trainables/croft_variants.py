@@ -1,5 +1,5 @@
 """CRoFT's paper equations and its authors' code, side by side: every difference as a switch,
-the two presets (``variant: paper | reference``) and the training step that honours any mix
+the two presets (``implementation: paper | reference``) and the training step that honours any mix
 of switches, by plain autograd (the EDR term by double backward, as the reference computes
 it). `trainables/croft.py` is the method; docs/croft_reference.md is the table of the
 differences with the reference's file and line for each.
@@ -24,8 +24,8 @@ The reference (github LinLLLL/CRoFT, ``CoOp/trainers/CRoFT.py``) computes one st
     Le       = sum((dE / d delta)^2)
     loss     = CE(s * x @ t.T) + L1 + lambda2 * Le; zero, backward, step every optimiser
 
-The paper's form (`variant: paper`, the method's hand-written objective) differs in each
-switch below; ``variant: custom`` takes every switch as given (paper values by default),
+The paper's form (`implementation: paper`, the method's hand-written objective) differs in each
+switch below; ``implementation: custom`` takes every switch as given (paper values by default),
 so an ablation grid can ask which difference moves the front.
 """
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 # (keeping the graph, which later steps of the same batch reuse), step.
 Update = Callable[[torch.Tensor], None]
 
-VARIANTS = ("paper", "reference", "custom")
+IMPLEMENTATIONS = ("paper", "reference", "custom")
 
 
 @dataclass(frozen=True)
@@ -145,14 +145,14 @@ def preset(variant: str) -> dict[str, Any]:
 def resolve_variant(hp: dict[str, Any], given: set[str]) -> dict[str, Any]:
     """``hp`` with the variant's switches filled in. Under ``paper`` or ``reference`` a
     switch given with another value is an error; under ``custom`` every switch is as given."""
-    variant = hp["variant"]
+    variant = hp["implementation"]
     hp = dict(hp)
     if variant != "custom":
         for name, value in preset(variant).items():
             if name in given and hp[name] != value:
                 raise ConfigError(
-                    f"hyper-parameter {name}={hp[name]!r} contradicts variant={variant}, which "
-                    f"sets {name}={value!r}; use variant=custom to combine switches"
+                    f"hyper-parameter {name}={hp[name]!r} contradicts implementation={variant}, "
+                    f"which sets {name}={value!r}; use implementation=custom to mix switches"
                 )
             hp[name] = value
     if hp["gen_in_main_step"] and hp["gen_optimizer"] != "main":
