@@ -38,6 +38,7 @@ from croft_search.data import (
     load_open_set,
 )
 from croft_search.data.base import OpenSet
+from croft_search.errors import DataError
 
 CACHE_FORMAT_VERSION = 1
 CLEAN_VIEW = "clean"
@@ -89,6 +90,11 @@ class SplitFeatures:
     target_domain: str
     backbone_identity: str
     train_samples: tuple[Sample, ...] = ()
+    # Per row of ``test_open``: which of ``test_open_names`` it comes from, and its class
+    # index within that open set (the reference protocol caps images per class).
+    test_open_names: tuple[str, ...] = ()
+    test_open_set_ids: torch.Tensor | None = None
+    test_open_classes: torch.Tensor | None = None
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -330,8 +336,11 @@ class FeatureCache:
         view_seed: int = 0,
         val_open_sets: Sequence[str] | None = None,
         test_open_sets: Sequence[str] | None = None,
+        test_open_splits: Sequence[str] = ("test",),
     ) -> SplitFeatures:
-        """Tensors for one leave-one-domain-out split, encoding only what the cache lacks."""
+        """Tensors for one leave-one-domain-out split, encoding only what the cache lacks.
+        ``test_open_splits``: the open sets' split lists the test OOD images come from
+        (the reference protocol pools train, val and test)."""
         spec = get_dataset_spec(dataset)
         split = load_domain_split(spec.name, self.data_root, target_domain)
         domain_index = {d: i for i, d in enumerate(spec.domains)}
@@ -344,6 +353,10 @@ class FeatureCache:
             return torch.as_tensor([domain_index[s.domain] for s in samples], dtype=torch.long)
 
         train_views = self.features_of(spec.name, split.train, train_kind)
+        test_names = tuple(test_open_sets or spec.test_open_sets)
+        test_open, set_ids, classes = self.open_set_rows(
+            test_names, test_open_splits, (split.target_domain,), spec.name
+        )
         return SplitFeatures(
             classnames=split.classnames,
             domains=tuple(spec.domains),
@@ -359,14 +372,18 @@ class FeatureCache:
             # OOD images in the styles of the images they are compared with, where the open
             # set records styles: otherwise style alone would separate ID from OOD.
             val_open=self.open_set_features(
-                val_open_sets or spec.val_open_sets, "val", domains=split.source_domains
+                val_open_sets or spec.val_open_sets,
+                "val",
+                domains=split.source_domains,
+                id_dataset=spec.name,
             ),
-            test_open=self.open_set_features(
-                test_open_sets or spec.test_open_sets, "test", domains=(split.target_domain,)
-            ),
+            test_open=test_open,
             target_domain=split.target_domain,
             backbone_identity=self.backbone.identity,
             train_samples=split.train,
+            test_open_names=test_names,
+            test_open_set_ids=set_ids,
+            test_open_classes=classes,
         )
 
     def open_set_unit(self, name: str, split: str) -> tuple[OpenSet, CachedFeatures]:
@@ -380,16 +397,52 @@ class FeatureCache:
         return open_set, self._units[key]
 
     def open_set_features(
-        self, names: Sequence[str], split: str, domains: Collection[str] | None = None
+        self,
+        names: Sequence[str],
+        split: str,
+        domains: Collection[str] | None = None,
+        id_dataset: str = "",
     ) -> torch.Tensor:
         """Clean-view features of one or more open-set datasets, concatenated [M, d]; with
-        ``domains``, only the images of those domains where the open set records domains."""
-        parts = []
-        for name in names:
-            open_set, unit = self.open_set_unit(name, split)
-            samples = [s for s in open_set.samples if domains is None or s.domain in ("", *domains)]
-            parts.append(unit.select(samples, self.data_root)[:, 0])
-        return torch.cat(parts) if parts else torch.empty(0, self.backbone.embed_dim)
+        ``domains``, only the images of those domains where the open set records domains;
+        without the classes each open set drops for ``id_dataset``."""
+        return self.open_set_rows(names, (split,), domains, id_dataset)[0]
+
+    def open_set_rows(
+        self,
+        names: Sequence[str],
+        splits: Sequence[str],
+        domains: Collection[str] | None = None,
+        id_dataset: str = "",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features [M, d], open-set index [M], class index within its open set [M]) of
+        the images of ``names`` in the split lists ``splits`` (an image-folder open set has
+        one list, read once)."""
+        parts, set_ids, classes = [], [], []
+        for index, name in enumerate(names):
+            spec = get_dataset_spec(name)
+            dropped = spec.excluded_for(id_dataset)
+            for split in splits if spec.split_file else splits[:1]:
+                open_set, unit = self.open_set_unit(name, split)
+                samples = [
+                    s
+                    for s in open_set.samples
+                    if (domains is None or s.domain in ("", *domains))
+                    and s.classname not in dropped
+                ]
+                if not samples:
+                    raise DataError(
+                        f"open set {name} ({split}) has no images left for {id_dataset or 'it'}"
+                    )
+                names_sorted = sorted({s.classname for s in open_set.samples})
+                order = {c: i for i, c in enumerate(names_sorted)}
+                parts.append(unit.select(samples, self.data_root)[:, 0])
+                set_ids.append(torch.full((len(samples),), index, dtype=torch.long))
+                classes.append(torch.as_tensor([order[s.classname] for s in samples]))
+        if not parts:
+            empty = torch.empty(0, dtype=torch.long)
+            return torch.empty(0, self.backbone.embed_dim), empty, empty
+        return torch.cat(parts), torch.cat(set_ids), torch.cat(classes)
 
 
 def _parse_view_kind(view_kind: str) -> tuple[int, int]:

@@ -25,6 +25,9 @@ __all__ = [
     "aupr_in",
     "aupr_out",
     "ood_metrics",
+    "CONVENTIONS",
+    "fpr_at_recall_nearest",
+    "fpr_at_percentile",
     "joint_objective",
     "metric_direction",
 ]
@@ -195,12 +198,78 @@ def aupr_out(id_scores: Any, ood_scores: Any) -> float:
     return _average_precision(-ood, -ids)
 
 
-def ood_metrics(id_scores: Any, ood_scores: Any) -> dict[str, float]:
-    """All OOD-detection metrics at once: keys `auroc`, `fpr95`, `aupr_in`, `aupr_out`."""
+def fpr_at_recall_nearest(id_scores: Any, ood_scores: Any, recall: float = 0.95) -> float:
+    """FPR at the threshold whose ID recall is *nearest* ``recall``: the CRoFT reference's
+    ``fpr_and_fdr_at_recall`` (CoOp/metric_utils.py, after Hendrycks' code), used there for
+    the KNN score. Its curve runs from the threshold where recall first reaches 1 back to the
+    highest score, then appends the point (recall 1, 0 false positives); ``argmin`` takes the
+    first of equally near points in that order."""
     ids, ood = _pair(id_scores, ood_scores)
+    scores = np.concatenate([ids, ood])
+    is_id = np.concatenate([np.ones(ids.size), np.zeros(ood.size)])
+    order = np.argsort(-scores, kind="mergesort")
+    scores, is_id = scores[order], is_id[order]
+    ends = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    tps = np.cumsum(is_id)[ends]
+    fps = 1 + ends - tps
+    last = int(np.searchsorted(tps, tps[-1]))
+    recalls = np.r_[(tps / tps[-1])[last::-1], 1.0]
+    false_positives = np.r_[fps[last::-1], 0.0]
+    cutoff = int(np.argmin(np.abs(recalls - recall)))
+    return float(false_positives[cutoff] / ood.size)
+
+
+def fpr_at_percentile(id_scores: Any, ood_scores: Any, tpr: float = 0.95) -> float:
+    """FPR as Dassl's evaluator in the CRoFT reference computes it for the energy score: the
+    threshold is numpy's (linearly interpolated) ``100 * (1 - tpr)``-th percentile of the ID
+    scores, and an OOD sample is a false positive when its score is strictly above it."""
+    ids, ood = _pair(id_scores, ood_scores)
+    threshold = np.percentile(ids, 100 * (1 - tpr))
+    return float(np.mean(ood > threshold))
+
+
+def _openood(ids: np.ndarray, ood: np.ndarray) -> dict[str, float]:
+    # OpenOOD v1.5's evaluators/metrics.py: OOD is the positive class of the ROC curve
+    # (scikit-learn's default drop_intermediate) and the AUPRs are trapezoidal areas.
+    from sklearn import metrics
+
+    scores = np.concatenate([ids, ood])
+    is_ood = np.concatenate([np.zeros(ids.size), np.ones(ood.size)])
+    fpr, tpr, _ = metrics.roc_curve(is_ood, -scores)
+    precision_in, recall_in, _ = metrics.precision_recall_curve(1 - is_ood, scores)
+    precision_out, recall_out, _ = metrics.precision_recall_curve(is_ood, -scores)
+    return {
+        "auroc": float(metrics.auc(fpr, tpr)),
+        "fpr95": float(fpr[np.argmax(tpr >= 0.95)]),
+        "aupr_in": float(metrics.auc(recall_in, precision_in)),
+        "aupr_out": float(metrics.auc(recall_out, precision_out)),
+    }
+
+
+# How FPR95 and AUPR are computed: ours (first threshold reaching 95% ID recall, average
+# precision), the reference's two (Dassl's percentile rule for the energy score,
+# metric_utils' nearest-recall rule for KNN) and OpenOOD v1.5's. docs/croft_reference.md.
+CONVENTIONS = ("ours", "dassl", "metric_utils", "openood")
+
+
+def ood_metrics(id_scores: Any, ood_scores: Any, convention: str = "ours") -> dict[str, float]:
+    """All OOD-detection metrics at once: keys `auroc`, `fpr95`, `aupr_in`, `aupr_out`,
+    under one of `CONVENTIONS` (AUROC is the same in all of them)."""
+    ids, ood = _pair(id_scores, ood_scores)
+    if convention not in CONVENTIONS:
+        raise ConfigError(
+            f"unknown metric convention {convention!r}; expected one of {', '.join(CONVENTIONS)}"
+        )
+    if convention == "openood":
+        return _openood(ids, ood)
+    fpr95 = {
+        "ours": lambda: _fpr_at_tpr(ids, ood, 0.95),
+        "dassl": lambda: fpr_at_percentile(ids, ood),
+        "metric_utils": lambda: fpr_at_recall_nearest(ids, ood),
+    }[convention]()
     return {
         "auroc": _auroc(ids, ood),
-        "fpr95": _fpr_at_tpr(ids, ood, 0.95),
+        "fpr95": fpr95,
         "aupr_in": _average_precision(ids, ood),
         "aupr_out": _average_precision(-ood, -ids),
     }

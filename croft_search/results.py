@@ -19,6 +19,7 @@ import pandas as pd
 
 TRIALS_FILE = "trials.parquet"
 RESERVED = ("trial_id", "search", "space", "method", "status", "error", "seed", "selection",
+            "protocol",
             "wall_seconds", "train_seconds", "node", "mlflow_run_id", "finished_at")  # fmt: skip
 
 
@@ -60,6 +61,7 @@ class TrialTable:
             "error": error,
             "seed": _seed(config),
             "selection": str(metrics.get("selection", config.get("selection", "val"))),
+            "protocol": str(metrics.get("protocol", "")),
             "wall_seconds": float(wall_seconds),
             "train_seconds": float(metrics.get("train_seconds", float("nan"))),
             "node": node,

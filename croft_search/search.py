@@ -290,7 +290,7 @@ def _is_metric(key: str) -> bool:
             ("val_", "test_", "objective", "train_seconds", "trial_seconds", "epochs_run")
         )
         or ("/" in key and not key.startswith("config/"))
-        or key in ("selection", "score")
+        or key in ("selection", "score", "protocol")
     )
 
 

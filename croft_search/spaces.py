@@ -96,7 +96,7 @@ from croft_search.scores import score_names
 from croft_search.selection import SELECTION_MODES
 from trainables.base import LOOP_HPARAMS, HParam
 from trainables.registry import hparam_specs, method_names, resolve_hparams
-from trainables.trial import TRIAL_SETTINGS
+from trainables.trial import PROTOCOL_CHOICES, TRIAL_SETTINGS, open_set_names
 
 SPACES_PACKAGE = "search_spaces"
 # What `python -m croft_search.run` searches without --space: the embedded default.
@@ -124,7 +124,19 @@ TOP_LEVEL_KEYS = (
 # Trial settings (trainables.trial.TRIAL_SETTINGS) a space may fix; the others have their
 # own top-level key or come from the objective. One feature cache serves the whole search,
 # so only ``score`` (post-hoc, no re-encoding) may differ per method or be searched.
-SHARED_SETTINGS = ("views", "view_seed", "selection", "device", "data_root", "cache_dir")
+SHARED_SETTINGS = (
+    "views",
+    "view_seed",
+    "selection",
+    "device",
+    "data_root",
+    "cache_dir",
+    "shots_per",
+    "val_shots",
+    "checkpoint",
+    "eval_protocol",
+    "test_open_sets",
+)
 PER_METHOD_SETTINGS = ("score",)
 SETTINGS_WITH_OWN_KEY = {
     "method": "method",
@@ -873,7 +885,7 @@ class _Parser:
     # -- fixed values and settings -------------------------------------------------------
     def setting_value(self, key_path: str, key: str, value: Any) -> Any:
         """A trial setting's value, checked the way run_trial would check it."""
-        if key in ("views", "view_seed"):
+        if key in ("views", "view_seed", "val_shots"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise self.fail(key_path, f"{key} must be an integer >= 0, got {value!r}")
         elif key == "score":
@@ -888,6 +900,17 @@ class _Parser:
                 raise self.fail(
                     key_path, f"selection {value!r} unknown (use {', '.join(SELECTION_MODES)})"
                 )
+        elif key in PROTOCOL_CHOICES:
+            if value not in PROTOCOL_CHOICES[key]:
+                raise self.fail(
+                    key_path,
+                    f"{key} {value!r} unknown (use {', '.join(PROTOCOL_CHOICES[key])})",
+                )
+        elif key == "test_open_sets":
+            try:
+                open_set_names({key: value})
+            except ConfigError as err:
+                raise self.fail(key_path, str(err)) from None
         elif value is not None and not isinstance(value, str):
             raise self.fail(key_path, f"{key} must be a string, got {value!r}")
         return value

@@ -14,7 +14,7 @@ import yaml
 
 from croft_search.errors import ConfigError, exit_on_user_error
 from trainables.registry import hparam_specs, method_names
-from trainables.trial import TRIAL_SETTINGS, run_trial
+from trainables.trial import PROTOCOL_CHOICES, TRIAL_SETTINGS, run_trial
 
 SHOWN = (
     "val_acc",
@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--device", default="cpu")
+    for key, allowed in PROTOCOL_CHOICES.items():
+        flag = "--" + key.replace("_", "-")
+        parser.add_argument(flag, default=TRIAL_SETTINGS[key], choices=allowed)
+    parser.add_argument(
+        "--val-shots", type=int, default=0, help="validation images per class; 0 = all"
+    )
+    parser.add_argument(
+        "--test-open-sets", default=None, help="comma-separated open sets (default: dataset's)"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -90,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data_root": args.data_root,
         "cache_dir": args.cache_dir,
         "device": args.device,
+        **{key: getattr(args, key) for key in PROTOCOL_CHOICES},
+        "val_shots": args.val_shots,
+        "test_open_sets": args.test_open_sets,
     }
     overrides = parse_assignments(args.set)
     clash = sorted(set(overrides) & set(config))

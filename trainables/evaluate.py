@@ -13,6 +13,15 @@ from croft_search.scores import OODScore, get_score
 from trainables.base import Method, TrainData
 
 EVAL_BATCH = 1024
+# ours: every ID test image against the test split of the open set, our metric conventions;
+# reference: the CRoFT reference's sampling and conventions (docs/croft_reference.md);
+# openood: our sampling, OpenOOD v1.5's conventions.
+EVAL_PROTOCOLS = ("ours", "reference", "openood")
+# The reference's caps (CoOp/datasets/PACS_Caltech101.py and the other *_<open set>.py) and
+# the k it sweeps for KNN (scripts/CRoFT/test_setup2_knn.py).
+REFERENCE_ID_PER_CLASS = 500
+REFERENCE_OOD_PER_CLASS = 100
+REFERENCE_KNN_KS = (1, 5, 10, 25, 50, 100, 200, 300, 400, 500)
 
 
 @torch.no_grad()
@@ -51,11 +60,12 @@ def _device(method: Method) -> torch.device:
     return torch.device("cpu")
 
 
-def build_score(method: Method, name: str | None, train: TrainData) -> OODScore:
+def build_score(method: Method, name: str | None, train: TrainData, **params: Any) -> OODScore:
     """The OOD score ``name`` (the method's default when None), fitted where it needs the
     training embeddings (KNN, Mahalanobis)."""
     name = name or method.default_score
-    params: dict[str, Any] = {"logit_scale": method.logit_scale} if name == "mcm" else {}
+    if name == "mcm":
+        params["logit_scale"] = method.logit_scale
     score = get_score(name, **params)
     if score.needs_fit:
         _, embeddings = predict(method, train.clean, train.domains)
@@ -67,14 +77,88 @@ def _apply(score: OODScore, logits: torch.Tensor, embeddings: torch.Tensor) -> t
     return score.score(logits, embeddings if score.needs_fit else None)
 
 
+def capped(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Row indices keeping at most ``per_class`` rows of each label, a seeded draw (Dassl's
+    generate_fewshot_dataset(num_shots=per_class)), in row order."""
+    keep = []
+    for label in torch.unique(labels).tolist():
+        rows = torch.nonzero(labels == label).flatten()
+        generator = torch.Generator().manual_seed(seed * 7919 + int(label) + 1)
+        keep.append(rows[torch.randperm(len(rows), generator=generator)[:per_class]])
+    if not keep:
+        return torch.empty(0, dtype=torch.long)
+    return torch.cat(keep).sort().values
+
+
+def reference_knn_bank(split: SplitFeatures, seed: int) -> TrainData:
+    """The reference's KNN feature bank: its "val" loader, 500 images per class of the
+    source domains' whole training split (not the few-shot subset)."""
+    index = capped(split.train_labels, REFERENCE_ID_PER_CLASS, seed)
+    clean = split.train_clean[index]
+    return TrainData(clean[:, None], clean, split.train_labels[index], split.train_domains[index])
+
+
+def validation_accuracy(method: Method, split: SplitFeatures) -> float:
+    logits, _ = predict(method, split.val, split.val_domains)
+    return accuracy(logits, split.val_labels)
+
+
+def _test_detection(
+    method: Method,
+    split: SplitFeatures,
+    score: OODScore,
+    logits: torch.Tensor,
+    embeddings: torch.Tensor,
+    protocol: str,
+    seed: int,
+) -> dict[str, float]:
+    """test_auroc, test_fpr95, test_aupr_in, test_aupr_out under ``protocol``; with several
+    test open sets, also each set's as ``test_<metric>_<set>``, the plain keys their mean."""
+    id_rows = torch.arange(len(logits))
+    if protocol == "reference":
+        id_rows = capped(split.test_labels, REFERENCE_ID_PER_CLASS, seed)
+    open_logits, open_embeddings = predict(method, split.test_open)
+    names = split.test_open_names or ("",)
+    set_ids = split.test_open_set_ids
+    if set_ids is None:
+        set_ids = torch.zeros(len(split.test_open), dtype=torch.long)
+    is_knn = getattr(score, "name", "") == "knn"
+    convention = {"ours": "ours", "openood": "openood"}.get(
+        protocol, "metric_utils" if is_knn else "dassl"
+    )
+    id_scores = _apply(score, logits[id_rows], embeddings[id_rows])
+    if protocol == "reference" and not is_knn:
+        # The energy path keeps only the correctly classified ID images.
+        correct = logits[id_rows].argmax(-1) == split.test_labels[id_rows]
+        id_scores = id_scores[correct]
+    per_set: dict[str, dict[str, float]] = {}
+    for index, name in enumerate(names):
+        rows = torch.nonzero(set_ids == index).flatten()
+        if protocol == "reference" and split.test_open_classes is not None:
+            rows = rows[capped(split.test_open_classes[rows], REFERENCE_OOD_PER_CLASS, seed)]
+        ood_scores = _apply(score, open_logits[rows], open_embeddings[rows])
+        per_set[name] = ood_metrics(id_scores, ood_scores, convention)
+    metrics = {
+        f"test_{key}": sum(m[key] for m in per_set.values()) / len(per_set)
+        for key in next(iter(per_set.values()))
+    }
+    if len(per_set) > 1:
+        for name, values in per_set.items():
+            metrics |= {f"test_{key}_{name}": value for key, value in values.items()}
+    return metrics
+
+
 def evaluate(
     method: Method,
     split: SplitFeatures,
     score: OODScore,
     include_test: bool = True,
+    protocol: str = "ours",
+    seed: int = 0,
 ) -> dict[str, float]:
     """Validation metrics (source val split vs validation open set) and, with
-    ``include_test``, test metrics (target domain vs test open set)."""
+    ``include_test``, test metrics (target domain vs test open set) under ``protocol``
+    (`EVAL_PROTOCOLS`; validation always follows ours, so selection never changes)."""
     metrics: dict[str, float] = {}
     logits, embeddings = predict(method, split.val, split.val_domains)
     metrics["val_acc"] = accuracy(logits, split.val_labels)
@@ -90,9 +174,12 @@ def evaluate(
     if include_test:
         logits, embeddings = predict(method, split.test)
         metrics["test_acc"] = accuracy(logits, split.test_labels)
-        open_logits, open_embeddings = predict(method, split.test_open)
-        detection = ood_metrics(
-            _apply(score, logits, embeddings), _apply(score, open_logits, open_embeddings)
-        )
-        metrics |= {f"test_{key}": value for key, value in detection.items()}
+        metrics |= _test_detection(method, split, score, logits, embeddings, protocol, seed)
+        if protocol == "reference" and getattr(score, "name", "") == "knn":
+            bank = reference_knn_bank(split, seed)
+            for k in REFERENCE_KNN_KS:
+                swept = build_score(method, "knn", bank, k=k)
+                values = _test_detection(method, split, swept, logits, embeddings, protocol, seed)
+                metrics[f"test_knn{k}_auroc"] = values["test_auroc"]
+                metrics[f"test_knn{k}_fpr95"] = values["test_fpr95"]
     return metrics

@@ -7,21 +7,28 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from croft_search.backbones import Backbone, load_backbone
 from croft_search.config import data_root
-from croft_search.data import get_dataset_spec, sample_few_shot
+from croft_search.data import SHOTS_PER, get_dataset_spec, sample_shots
 from croft_search.errors import ConfigError
 from croft_search.features import FeatureCache, SplitFeatures
 from croft_search.scores import score_names
 from croft_search.selection import check_selection, objective
 from croft_search.zeroshot import class_prompts
 from trainables.base import Method, MethodContext, TrainData
-from trainables.evaluate import build_score, evaluate
+from trainables.evaluate import (
+    EVAL_PROTOCOLS,
+    build_score,
+    capped,
+    evaluate,
+    reference_knn_bank,
+    validation_accuracy,
+)
 from trainables.loop import train_epochs
 from trainables.registry import get_method, resolve_hparams
 from trainables.text import FrozenTextEncoder
@@ -41,6 +48,18 @@ TRIAL_SETTINGS: dict[str, Any] = {
     "device": "cpu",
     "data_root": None,
     "cache_dir": None,
+    # The protocol, as the CRoFT reference runs it or as we do (docs/croft_reference.md).
+    "shots_per": "class_and_domain",
+    "val_shots": 0,
+    "checkpoint": "last",
+    "eval_protocol": "ours",
+    "test_open_sets": None,
+}
+# The values each protocol setting takes.
+PROTOCOL_CHOICES: dict[str, tuple[str, ...]] = {
+    "shots_per": SHOTS_PER,
+    "checkpoint": ("last", "best_val"),
+    "eval_protocol": EVAL_PROTOCOLS,
 }
 # Called after every epoch with the validation metrics so far; True stops the trial.
 ReportCallback = Callable[[dict[str, float]], bool | None]
@@ -70,12 +89,23 @@ class TrialResources:
         cache_dir: str | None = None,
         device: str = "cpu",
         progress: bool = False,
+        test_open_sets: Sequence[str] | None = None,
+        eval_protocol: str = "ours",
     ) -> TrialResources:
         spec = get_dataset_spec(dataset)
         loaded = load_backbone(backbone, pretrained, device=device)
         cache = FeatureCache(loaded, data_root(root), cache_dir=cache_dir, progress=progress)
+        # The reference draws its test OOD images from every split list of the open set.
+        open_splits = ("train", "val", "test") if eval_protocol == "reference" else ("test",)
         splits = {
-            target: cache.split_features(spec.name, target, views=views, view_seed=view_seed)
+            target: cache.split_features(
+                spec.name,
+                target,
+                views=views,
+                view_seed=view_seed,
+                test_open_sets=test_open_sets,
+                test_open_splits=open_splits,
+            )
             for target in targets
         }
         classnames = next(iter(splits.values())).classnames
@@ -94,8 +124,8 @@ def resources_for(settings: Mapping[str, Any], targets: Sequence[str]) -> TrialR
     key = tuple(
         settings[k]
         for k in ("dataset", "backbone", "pretrained", "views", "view_seed", "data_root",
-                  "cache_dir", "device")
-    ) + tuple(targets)  # fmt: skip
+                  "cache_dir", "device", "eval_protocol")
+    ) + tuple(targets) + tuple(open_set_names(settings))  # fmt: skip
     if key not in _RESOURCES:
         _RESOURCES[key] = TrialResources.load(
             settings["dataset"],
@@ -107,8 +137,25 @@ def resources_for(settings: Mapping[str, Any], targets: Sequence[str]) -> TrialR
             root=settings["data_root"],
             cache_dir=settings["cache_dir"],
             device=settings["device"],
+            test_open_sets=open_set_names(settings) or None,
+            eval_protocol=settings["eval_protocol"],
         )
     return _RESOURCES[key]
+
+
+def open_set_names(settings: Mapping[str, Any]) -> list[str]:
+    """The ``test_open_sets`` setting as names (a list, or one comma-separated string);
+    empty for the dataset's own."""
+    value = settings.get("test_open_sets")
+    if value is None or value == "":
+        return []
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(name).strip() for name in names if str(name).strip()]
+    for name in names:
+        spec = get_dataset_spec(name)
+        if spec.kind != "open_set":
+            raise ConfigError(f"test_open_sets: {name} is not an open-set dataset")
+    return names
 
 
 def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -127,6 +174,16 @@ def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
         raise ConfigError(f"objective_weight must be a number in [0, 1], got {weight!r}")
     if not isinstance(settings["views"], int) or settings["views"] < 0:
         raise ConfigError(f"views must be an integer >= 0, got {settings['views']!r}")
+    for key, allowed in PROTOCOL_CHOICES.items():
+        if settings[key] not in allowed:
+            raise ConfigError(
+                f"{key}={settings[key]!r} is not allowed; expected one of {', '.join(allowed)}"
+            )
+    val_shots = settings["val_shots"]
+    if isinstance(val_shots, bool) or not isinstance(val_shots, int) or val_shots < 0:
+        raise ConfigError(
+            f"val_shots must be an integer >= 0 (0 = the whole validation split), got {val_shots!r}"
+        )
     return settings, hparams
 
 
@@ -140,16 +197,33 @@ def target_domains(dataset: str, target: str | Sequence[str]) -> list[str]:
     return [spec.canonical_domain(t) for t in target]
 
 
-def few_shot_train(split: SplitFeatures, shots: int, seed: int) -> TrainData:
-    """The seeded k-shot training subset (k per class and source domain) of a split."""
+def few_shot_train(
+    split: SplitFeatures, shots: int, seed: int, per: str = "class_and_domain"
+) -> TrainData:
+    """The seeded k-shot training subset of a split (k per class and source domain, or as
+    ``per`` says: `croft_search.data.SHOTS_PER`)."""
     row = {sample: i for i, sample in enumerate(split.train_samples)}
-    chosen = sample_few_shot(split.train_samples, shots or None, seed)
+    chosen = sample_shots(split.train_samples, shots or None, seed, per)
     index = torch.as_tensor([row[s] for s in chosen], dtype=torch.long)
     return TrainData(
         views=split.train_views[index],
         clean=split.train_clean[index],
         labels=split.train_labels[index],
         domains=split.train_domains[index],
+    )
+
+
+def few_shot_val(split: SplitFeatures, shots: int, seed: int) -> SplitFeatures:
+    """The split with its validation set cut to ``shots`` images per class over the pooled
+    source domains (Dassl's generate_fewshot_dataset on the val list), seeded; 0 keeps it."""
+    if shots <= 0:
+        return split
+    index = capped(split.val_labels, shots, seed)
+    return replace(
+        split,
+        val=split.val[index],
+        val_labels=split.val_labels[index],
+        val_domains=split.val_domains[index],
     )
 
 
@@ -197,16 +271,21 @@ def run_trial(
         raise ConfigError(f"the loaded features hold no split for target domain(s) {missing}")
 
     device = torch.device(settings["device"])
+    protocol = settings["eval_protocol"]
     started = time.perf_counter()
     runs = []
     for target in targets:
-        split = resources.splits[target]
-        data = few_shot_train(split, hp["shots"], hp["seed"])
+        split = few_shot_val(resources.splits[target], settings["val_shots"], hp["seed"])
+        data = few_shot_train(split, hp["shots"], hp["seed"], settings["shots_per"])
         method = build_method(settings["method"], hp, resources, split, data, device)
         runs.append((target, split, data, method, train_epochs(method, data, hp)))
+    best = [_BestEpoch() for _ in runs] if settings["checkpoint"] == "best_val" else None
 
     history: list[dict[str, float]] = []
     for epoch_rows in _lockstep([run[4] for run in runs]):
+        if best is not None:
+            for keeper, (_, split, _, method, _) in zip(best, runs, strict=True):
+                keeper.offer(method, split, len(history))
         row = _mean_rows(epoch_rows)
         if report is not None:
             validation = [
@@ -223,9 +302,16 @@ def run_trial(
     train_seconds = time.perf_counter() - started
 
     per_target = {}
-    for target, split, data, method, _ in runs:
-        score = build_score(method, settings["score"], data)
-        per_target[target] = evaluate(method, split, score, include_test=True)
+    for index, (target, split, data, method, _) in enumerate(runs):
+        if best is not None:
+            best[index].restore(method)
+        bank = reference_knn_bank(split, hp["seed"]) if protocol == "reference" else data
+        score = build_score(method, settings["score"], bank)
+        per_target[target] = evaluate(
+            method, split, score, include_test=True, protocol=protocol, seed=hp["seed"]
+        )
+        if best is not None and best[index].epoch >= 0:
+            per_target[target]["val_best_epoch"] = float(best[index].epoch)
     result: dict[str, Any] = _mean_rows(list(per_target.values()))
     for target, metrics in per_target.items():
         if len(targets) > 1:
@@ -240,8 +326,39 @@ def run_trial(
         "epochs_run": len(history),
         "train_seconds": train_seconds,
         "backbone_identity": resources.backbone.identity,
+        "protocol": protocol_label(settings),
     }
     return result
+
+
+def protocol_label(settings: Mapping[str, Any]) -> str:
+    """The protocol settings of a trial in one string, recorded beside its metrics."""
+    names = ",".join(open_set_names(settings)) or "default"
+    return (
+        f"eval={settings['eval_protocol']};checkpoint={settings['checkpoint']};"
+        f"shots_per={settings['shots_per']};val_shots={settings['val_shots']};"
+        f"test_open_sets={names}"
+    )
+
+
+class _BestEpoch:
+    """Dassl's best_val checkpoint: the weights of the epoch with the highest validation
+    accuracy (strictly higher, so the earliest of tied epochs), never a test metric."""
+
+    def __init__(self) -> None:
+        self.accuracy = -math.inf
+        self.epoch = -1
+        self.state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, method: Method, split: SplitFeatures, epoch: int) -> None:
+        accuracy = validation_accuracy(method, split)
+        if accuracy > self.accuracy:
+            self.accuracy, self.epoch = accuracy, epoch
+            self.state = {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+    def restore(self, method: Method) -> None:
+        if self.state is not None:
+            method.load_state_dict(self.state)
 
 
 def _lockstep(iterators: list) -> Any:

@@ -44,3 +44,44 @@ def _sort_key(sample: Sample) -> tuple[str, int, str]:
 def _stable_hash(key: tuple[int, str]) -> int:
     # Python's hash() of a str changes between processes; crc32 does not.
     return zlib.crc32(f"{key[0]}|{key[1]}".encode())
+
+
+# How a k-shot training set is drawn: k per class and source domain (ours), k per class over
+# the pooled source domains (Dassl's generate_fewshot_dataset), or Dassl's
+# generate_fewshot_dataset_balance as the CRoFT reference runs it on PACS.
+SHOTS_PER = ("class_and_domain", "class", "dassl_balance")
+
+
+def sample_shots(
+    samples: Sequence[Sample], shots: int | None, seed: int, per: str = "class_and_domain"
+) -> tuple[Sample, ...]:
+    """The k-shot subset under one of `SHOTS_PER`. ``dassl_balance`` reproduces the
+    reference's sampler with its quirk: for every class with at least k images it draws
+    int(k / domains) images from *each source domain, whatever their class*, so 16 shots of
+    PACS's 7 classes over 3 domains give 7 x 3 x 5 = 105 images of a random class mix, an
+    image possibly more than once (its rows repeat); a class with fewer images adds all of
+    them."""
+    if per == "class_and_domain":
+        return sample_few_shot(samples, shots, seed)
+    if per == "class":
+        return sample_few_shot(samples, shots, seed, per_domain=False)
+    ordered = sorted(samples, key=_sort_key)
+    if shots is None or shots <= 0:
+        return tuple(ordered)
+    by_class: dict[int, list[Sample]] = defaultdict(list)
+    by_domain: dict[str, list[Sample]] = defaultdict(list)
+    for sample in ordered:
+        by_class[sample.label].append(sample)
+        by_domain[sample.domain].append(sample)
+    per_domain = shots // len(by_domain)
+    chosen: list[Sample] = []
+    for label in sorted(by_class):
+        if len(by_class[label]) < shots:
+            chosen.extend(by_class[label])
+            continue
+        for domain in sorted(by_domain):
+            members = by_domain[domain]
+            rng = np.random.default_rng([seed, label, _stable_hash((label, domain))])
+            picks = rng.permutation(len(members))[:per_domain]
+            chosen.extend(members[index] for index in sorted(picks))
+    return tuple(sorted(chosen, key=_sort_key))

@@ -41,6 +41,9 @@ class DatasetSpec:
     # target domain's ID images instead of mixing styles.
     domain_in_filename: bool = False
     download_hint: str = "download it"
+    # Open sets: classes dropped when paired with an ID dataset, because they are ID classes
+    # there (Caltech101's dalmatian for PACS's dog), as ((id dataset, (classes...)), ...).
+    excluded_classes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # The hand-written zero-shot prompt ("{}" is the class name), as CoOp keeps one per dataset.
     prompt_template: str = "a photo of a {}."
 
@@ -54,6 +57,13 @@ class DatasetSpec:
                 f"dataset {self.name}: a domain_split dataset, or one with "
                 f"domain_in_filename, needs its domains"
             )
+
+    def excluded_for(self, id_dataset: str) -> frozenset[str]:
+        """The classes of this open set dropped when ``id_dataset`` is the ID dataset."""
+        return frozenset(
+            name for dataset, names in self.excluded_classes if dataset == id_dataset
+            for name in names
+        )  # fmt: skip
 
     def canonical_domain(self, domain: str) -> str:
         """The registered spelling of `domain` (matched case-insensitively)."""
