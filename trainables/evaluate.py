@@ -104,20 +104,21 @@ def validation_accuracy(method: Method, split: SplitFeatures) -> float:
 
 
 def _test_detection(
-    method: Method,
     split: SplitFeatures,
     score: OODScore,
-    logits: torch.Tensor,
-    embeddings: torch.Tensor,
+    test: tuple[torch.Tensor, torch.Tensor],
+    open_set: tuple[torch.Tensor, torch.Tensor],
     protocol: str,
     seed: int,
 ) -> dict[str, float]:
-    """test_auroc, test_fpr95, test_aupr_in, test_aupr_out under ``protocol``; with several
-    test open sets, also each set's as ``test_<metric>_<set>``, the plain keys their mean."""
+    """test_auroc, test_fpr95, test_aupr_in, test_aupr_out under ``protocol`` from the
+    (logits, embeddings) of the target domain and of the test open sets; with several test
+    open sets, also each set's as ``test_<metric>_<set>``, the plain keys their mean."""
+    logits, embeddings = test
+    open_logits, open_embeddings = open_set
     id_rows = torch.arange(len(logits))
     if protocol == "reference":
         id_rows = capped(split.test_labels, REFERENCE_ID_PER_CLASS, seed)
-    open_logits, open_embeddings = predict(method, split.test_open)
     names = split.test_open_names or ("",)
     set_ids = split.test_open_set_ids
     if set_ids is None:
@@ -172,14 +173,17 @@ def evaluate(
     )
     metrics |= {"val_auroc": detection["auroc"], "val_fpr95": detection["fpr95"]}
     if include_test:
-        logits, embeddings = predict(method, split.test)
-        metrics["test_acc"] = accuracy(logits, split.test_labels)
-        metrics |= _test_detection(method, split, score, logits, embeddings, protocol, seed)
+        test = predict(method, split.test)
+        open_set = predict(method, split.test_open)
+        metrics["test_acc"] = accuracy(test[0], split.test_labels)
+        metrics |= _test_detection(split, score, test, open_set, protocol, seed)
         if protocol == "reference" and getattr(score, "name", "") == "knn":
+            # The reference prints every k of its sweep (and picks none): one bank, each k.
             bank = reference_knn_bank(split, seed)
+            _, bank_embeddings = predict(method, bank.clean, bank.domains)
             for k in REFERENCE_KNN_KS:
-                swept = build_score(method, "knn", bank, k=k)
-                values = _test_detection(method, split, swept, logits, embeddings, protocol, seed)
+                swept = get_score("knn", k=k).fit(bank_embeddings, bank.labels)
+                values = _test_detection(split, swept, test, open_set, protocol, seed)
                 metrics[f"test_knn{k}_auroc"] = values["test_auroc"]
                 metrics[f"test_knn{k}_fpr95"] = values["test_fpr95"]
     return metrics
