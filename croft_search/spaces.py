@@ -78,6 +78,7 @@ import functools
 import itertools
 import math
 import re
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -263,6 +264,32 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
         pass
 
 
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """NSGAIISampler that survives pickling.
+
+    Ray Tune pickles its searcher, sampler included, when the Tuner is built and at every
+    experiment checkpoint. Optuna's genetic samplers hold a ``threading.Lock`` for their
+    generation cache (Optuna 5.1 on), which cannot be pickled; the cache is rebuilt from the
+    study, so a fresh lock after unpickling loses nothing."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        locks = [key for key, value in state.items() if isinstance(value, _LOCK_TYPES)]
+        for key in locks:
+            del state[key]
+        state["_unpicklable_locks"] = locks
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        for key in state.pop("_unpicklable_locks", []):
+            state[key] = threading.Lock()
+        self.__dict__.update(state)
+
+
+_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+
+
 # ------------------------------------------------------------------------------ the space
 
 
@@ -353,7 +380,7 @@ class SearchSpace:
             # Optuna's default population (50) exceeds most budgets here, which would make
             # the whole search its random first generation; four generations at least.
             population = max(4, min(50, self.num_samples // 4))
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=population)
+            return PicklableNSGAIISampler(seed=seed, population_size=population)
         # TPE: random start-up trials for a quarter of the budget (at most Optuna's 10);
         # multivariate models interactions (lambda1 with lambda2); "group" lets it model the
         # conditional parameters of multi-method spaces per method instead of falling back
