@@ -49,7 +49,7 @@ from analysis.objectives import (  # noqa: E402
 from analysis.plots import plot_fronts  # noqa: E402
 from analysis.report import front_markdown, log_to_parent_run, report_html  # noqa: E402
 from analysis.tables import ablation_table, selection_table  # noqa: E402
-from croft_search.errors import ConfigError, exit_on_user_error  # noqa: E402
+from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error  # noqa: E402
 
 __all__ = [
     "Analysis",
@@ -332,8 +332,8 @@ def write_outputs(analysis: Analysis, out_dir: str | Path) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(
         prog="python analysis/pareto.py",
         description="Pareto fronts, hypervolume, knee, validation-vs-oracle, ablation and "
         "importance tables, plot and HTML report of one or several searches.",

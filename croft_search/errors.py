@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 
 class CroftError(Exception):
@@ -45,3 +46,12 @@ def exit_on_user_error(main: F) -> F:
             raise SystemExit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors (a missing flag, a value outside its choices) in the
+    same one-line form as every other user error, instead of the usage block first."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)

@@ -3,19 +3,18 @@ dataset once with a frozen backbone and store the features in the cache."""
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 
 from croft_search.backbones import load_backbone
 from croft_search.config import EMBEDDED_BACKBONE, EMBEDDED_DATASET, data_root, feature_cache_dir
 from croft_search.data import get_dataset_spec, load_domain_split
-from croft_search.errors import ConfigError, exit_on_user_error
+from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
 from croft_search.features import CLEAN_VIEW, FeatureCache, augmented_view_kind
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m croft_search.prepare", description=__doc__)
+def build_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(prog="python -m croft_search.prepare", description=__doc__)
     parser.add_argument("--dataset", default=EMBEDDED_DATASET, help="domain-split dataset name")
     parser.add_argument("--backbone", default=EMBEDDED_BACKBONE, help="open_clip model name")
     parser.add_argument(

@@ -21,7 +21,6 @@ that did not):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import hashlib
@@ -50,7 +49,7 @@ from croft_search.data.digits_layout import (
     DOMAINS,
     PRETRAIN_IMAGES_PER_CLASS_PER_DOMAIN,
 )
-from croft_search.errors import ConfigError, exit_on_user_error
+from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
 
 # Results are only bit-identical for one thread count (reductions split differently), so the
 # run pins it. One, not two: on a 2-core machine that is also running anything else, two
@@ -306,8 +305,8 @@ def print_zero_shot_report(weights: Path) -> None:
         print(f"{domain:<12}{row['acc']:>8.3f}{row['auroc']:>8.3f}{row['fpr95']:>8.3f}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m croft_search.pretrain", description=__doc__)
+def build_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(prog="python -m croft_search.pretrain", description=__doc__)
     defaults = Recipe()
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=backbones.EMBEDDED_WEIGHTS)

@@ -5,12 +5,11 @@ tiny CLIP); --space takes a shipped space name or a path to a YAML file."""
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from croft_search.errors import exit_on_user_error
+from croft_search.errors import OneLineArgumentParser, exit_on_user_error
 from croft_search.search import SearchOptions, run_search
 from croft_search.spaces import load_space, space_names
 from croft_search.train import parse_assignments
@@ -18,8 +17,8 @@ from croft_search.train import parse_assignments
 DEFAULT_SPACE = "croft_digits"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m croft_search.run", description=__doc__)
+def build_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(prog="python -m croft_search.run", description=__doc__)
     parser.add_argument(
         "--space",
         default=DEFAULT_SPACE,

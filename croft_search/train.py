@@ -4,7 +4,6 @@ metrics; `--json` writes them."""
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from croft_search.errors import ConfigError, exit_on_user_error
+from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
 from trainables.registry import hparam_specs, method_names
 from trainables.trial import PROTOCOL_CHOICES, TRIAL_SETTINGS, run_trial
 
@@ -44,8 +43,8 @@ def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m croft_search.train", description=__doc__)
+def build_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(prog="python -m croft_search.train", description=__doc__)
     parser.add_argument("--method", required=True, help=f"one of: {', '.join(method_names())}")
     parser.add_argument("--dataset", default=TRIAL_SETTINGS["dataset"])
     parser.add_argument("--target-domain", default="all", help="a domain, or 'all'")

@@ -4,7 +4,6 @@ template, and MCM AUROC/FPR95 of the domain's ID images against the test open-se
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from croft_search.backbones import load_backbone
 from croft_search.config import EMBEDDED_BACKBONE, EMBEDDED_DATASET, data_root
 from croft_search.data import get_dataset_spec, load_domain_split
-from croft_search.errors import ConfigError, exit_on_user_error
+from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
 from croft_search.features import FeatureCache
 from croft_search.metrics import accuracy, ood_metrics
 from croft_search.scores import get_score
@@ -65,8 +64,8 @@ def zero_shot_report(
     return {"domains": report, "mean": mean}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m croft_search.zeroshot", description=__doc__)
+def build_parser() -> OneLineArgumentParser:
+    parser = OneLineArgumentParser(prog="python -m croft_search.zeroshot", description=__doc__)
     parser.add_argument("--dataset", default=EMBEDDED_DATASET)
     parser.add_argument("--backbone", default=EMBEDDED_BACKBONE)
     parser.add_argument("--pretrained", default="default", help="tag or local checkpoint path")

@@ -92,7 +92,8 @@ def capped(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
 
 def reference_knn_bank(split: SplitFeatures, seed: int) -> TrainData:
     """The reference's KNN feature bank: its "val" loader, 500 images per class of the
-    source domains' whole training split (not the few-shot subset)."""
+    source domains' whole training split (not the few-shot subset). Under the reference
+    protocol every feature-fitted score is fitted on it for the test metrics."""
     index = capped(split.train_labels, REFERENCE_ID_PER_CLASS, seed)
     clean = split.train_clean[index]
     return TrainData(clean[:, None], clean, split.train_labels[index], split.train_domains[index])
@@ -123,7 +124,7 @@ def _test_detection(
     set_ids = split.test_open_set_ids
     if set_ids is None:
         set_ids = torch.zeros(len(split.test_open), dtype=torch.long)
-    is_knn = getattr(score, "name", "") == "knn"
+    is_knn = score.name == "knn"
     convention = {"ours": "ours", "openood": "openood"}.get(
         protocol, "metric_utils" if is_knn else "dassl"
     )
@@ -176,11 +177,16 @@ def evaluate(
         test = predict(method, split.test)
         open_set = predict(method, split.test_open)
         metrics["test_acc"] = accuracy(test[0], split.test_labels)
-        metrics |= _test_detection(split, score, test, open_set, protocol, seed)
-        if protocol == "reference" and getattr(score, "name", "") == "knn":
-            # The reference prints every k of its sweep (and picks none): one bank, each k.
+        test_score = score
+        if protocol == "reference" and score.needs_fit:
+            # The reference fits its feature score on its own bank, for the test only; the
+            # validation score stays fitted on the training set, so selection is unchanged.
             bank = reference_knn_bank(split, seed)
             _, bank_embeddings = predict(method, bank.clean, bank.domains)
+            test_score = get_score(score.name, **score.params()).fit(bank_embeddings, bank.labels)
+        metrics |= _test_detection(split, test_score, test, open_set, protocol, seed)
+        if protocol == "reference" and score.name == "knn":
+            # The reference prints every k of its sweep (and picks none): one bank, each k.
             for k in REFERENCE_KNN_KS:
                 swept = get_score("knn", k=k).fit(bank_embeddings, bank.labels)
                 values = _test_detection(split, swept, test, open_set, protocol, seed)

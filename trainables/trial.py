@@ -26,7 +26,6 @@ from trainables.evaluate import (
     build_score,
     capped,
     evaluate,
-    reference_knn_bank,
     validation_accuracy,
 )
 from trainables.loop import train_epochs
@@ -305,8 +304,7 @@ def run_trial(
     for index, (target, split, data, method, _) in enumerate(runs):
         if best is not None:
             best[index].restore(method)
-        bank = reference_knn_bank(split, hp["seed"]) if protocol == "reference" else data
-        score = build_score(method, settings["score"], bank)
+        score = build_score(method, settings["score"], data)
         per_target[target] = evaluate(
             method, split, score, include_test=True, protocol=protocol, seed=hp["seed"]
         )

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from croft_search.data.base import Sample
+from croft_search.errors import ConfigError
 
 
 def sample_few_shot(
@@ -61,6 +62,8 @@ def sample_shots(
     PACS's 7 classes over 3 domains give 7 x 3 x 5 = 105 images of a random class mix, an
     image possibly more than once (its rows repeat); a class with fewer images adds all of
     them."""
+    if per not in SHOTS_PER:
+        raise ConfigError(f"shots_per {per!r} unknown (use {', '.join(SHOTS_PER)})")
     if per == "class_and_domain":
         return sample_few_shot(samples, shots, seed)
     if per == "class":
