@@ -37,7 +37,7 @@ from PIL import Image
 from torchvision import transforms
 
 from croft_search.config import EMBEDDED_BACKBONE, model_dir
-from croft_search.errors import BackboneError
+from croft_search.errors import BackboneError, ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED_CONFIG: Path = PACKAGE_DIR / "model_configs" / f"{EMBEDDED_BACKBONE}.json"
@@ -49,7 +49,22 @@ RANDOM_PRETRAINED = "random"
 # The tag `pretrained="default"` resolves to for real models.
 DEFAULT_REAL_TAG = "openai"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
-TRAIN_CROP_SCALE = (0.5, 1.0)
+# The smallest area fraction of a training crop: ours keeps at least half the image; Dassl
+# (the CRoFT reference) uses torchvision's default, 0.08 (the trial setting crop_scale).
+DEFAULT_CROP_SCALE = 0.5
+REFERENCE_CROP_SCALE = 0.08
+
+
+def check_crop_scale(value: object) -> float:
+    """A crop scale (the smallest area fraction of a training crop), checked."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(
+            f"crop_scale must be a number in (0, 1] (the smallest crop's area fraction; "
+            f"the reference uses {REFERENCE_CROP_SCALE}), got {value!r}"
+        )
+    return float(value)
+
+
 # Fixed so that random-init backbones (tests, smoke runs) have the same weights, and hence
 # the same identity and cache key, in every process.
 RANDOM_INIT_SEED = 0
@@ -84,16 +99,18 @@ class Backbone:
         """open_clip's preprocessing settings for this model (size, mean, std, ...)."""
         return dict(self.model.visual.preprocess_cfg)
 
-    def train_transform(self, hflip: bool) -> Callable[[Image.Image], torch.Tensor]:
-        """Augmented view: random resized crop (scale 0.5-1), optional horizontal flip, and the
-        same normalisation as the evaluation transform. Flip is optional because it changes
-        the meaning of some images (digits, text)."""
+    def train_transform(
+        self, hflip: bool, crop_scale: float = DEFAULT_CROP_SCALE
+    ) -> Callable[[Image.Image], torch.Tensor]:
+        """Augmented view: random resized crop of area fraction ``crop_scale``..1, optional
+        horizontal flip, and the same normalisation as the evaluation transform. Flip is
+        optional because it changes the meaning of some images (digits, text)."""
         cfg = self.preprocess_cfg
         steps: list[Callable] = [
             _convert_to_rgb,
             transforms.RandomResizedCrop(
                 cfg["size"],
-                scale=TRAIN_CROP_SCALE,
+                scale=(crop_scale, 1.0),
                 interpolation=_interpolation_mode(cfg["interpolation"]),
             ),
         ]
@@ -136,7 +153,6 @@ class Backbone:
                 "std": _jsonable(cfg["std"]),
                 "interpolation": cfg["interpolation"],
                 "resize_mode": cfg["resize_mode"],
-                "train_crop_scale": list(TRAIN_CROP_SCALE),
             },
         }
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from croft_search.backbones import Backbone
+from croft_search.backbones import DEFAULT_CROP_SCALE, Backbone
 from croft_search.config import feature_cache_dir
 from croft_search.data import (
     Sample,
@@ -44,8 +44,12 @@ CACHE_FORMAT_VERSION = 1
 CLEAN_VIEW = "clean"
 
 
-def augmented_view_kind(views: int, seed: int) -> str:
-    return f"aug{views}s{seed}"
+def augmented_view_kind(views: int, seed: int, crop_scale: float = DEFAULT_CROP_SCALE) -> str:
+    """The cache name of ``views`` augmented views per image drawn with ``seed``; a crop scale
+    other than the default is part of the name (``aug30s0c0.08``)."""
+    if crop_scale == DEFAULT_CROP_SCALE:
+        return f"aug{views}s{seed}"
+    return f"aug{views}s{seed}c{crop_scale:g}"
 
 
 @dataclass(frozen=True)
@@ -154,9 +158,9 @@ class FeatureCache:
         cached = self._read(path, expected)
         if cached is not None:
             return cached
-        views, seed = _parse_view_kind(view_kind)
+        views, seed, crop_scale = _parse_view_kind(view_kind)
         features = self._encode(
-            samples, views, seed, hflip, f"{dataset}/{domain or '-'} {view_kind}"
+            samples, views, seed, crop_scale, hflip, f"{dataset}/{domain or '-'} {view_kind}"
         )
         unit = CachedFeatures(
             paths=tuple(_relative(s.path, self.data_root) for s in samples),
@@ -167,10 +171,18 @@ class FeatureCache:
         return unit
 
     def _encode(
-        self, samples: Sequence[Sample], views: int, seed: int, hflip: bool, label: str
+        self,
+        samples: Sequence[Sample],
+        views: int,
+        seed: int,
+        crop_scale: float,
+        hflip: bool,
+        label: str,
     ) -> torch.Tensor:
         backbone = self.backbone
-        transform = backbone.eval_transform if views == 0 else backbone.train_transform(hflip)
+        transform = (
+            backbone.eval_transform if views == 0 else backbone.train_transform(hflip, crop_scale)
+        )
         n_views = max(views, 1)
         out = torch.empty(len(samples), n_views, backbone.embed_dim)
         jobs = [(i, v) for i in range(len(samples)) for v in range(n_views)]
@@ -314,12 +326,17 @@ class FeatureCache:
         return self._images[dataset]
 
     def prepare_dataset(
-        self, dataset: str, views: int = 8, view_seed: int = 0
+        self,
+        dataset: str,
+        views: int = 8,
+        view_seed: int = 0,
+        crop_scale: float = DEFAULT_CROP_SCALE,
     ) -> dict[tuple[str, str], CachedFeatures]:
         """Encode (or load) every unit of a domain-split dataset; returns them by
         (domain, view kind)."""
         spec = get_dataset_spec(dataset)
-        kinds = [CLEAN_VIEW] + ([augmented_view_kind(views, view_seed)] if views else [])
+        augmented = augmented_view_kind(views, view_seed, crop_scale)
+        kinds = [CLEAN_VIEW] + ([augmented] if views else [])
         _, train_images = self._domain_images(spec.name)
         return {
             (domain, kind): self.domain_unit(spec.name, domain, kind)
@@ -334,6 +351,7 @@ class FeatureCache:
         target_domain: str,
         views: int = 8,
         view_seed: int = 0,
+        crop_scale: float = DEFAULT_CROP_SCALE,
         val_open_sets: Sequence[str] | None = None,
         test_open_sets: Sequence[str] | None = None,
         test_open_splits: Sequence[str] = ("test",),
@@ -344,7 +362,7 @@ class FeatureCache:
         spec = get_dataset_spec(dataset)
         split = load_domain_split(spec.name, self.data_root, target_domain)
         domain_index = {d: i for i, d in enumerate(spec.domains)}
-        train_kind = augmented_view_kind(views, view_seed) if views else CLEAN_VIEW
+        train_kind = augmented_view_kind(views, view_seed, crop_scale) if views else CLEAN_VIEW
 
         def labels(samples: Sequence[Sample]) -> torch.Tensor:
             return torch.as_tensor([s.label for s in samples], dtype=torch.long)
@@ -445,12 +463,13 @@ class FeatureCache:
         return torch.cat(parts), torch.cat(set_ids), torch.cat(classes)
 
 
-def _parse_view_kind(view_kind: str) -> tuple[int, int]:
-    """(views, seed): 0 views for the clean view."""
+def _parse_view_kind(view_kind: str) -> tuple[int, int, float]:
+    """(views, seed, crop scale): 0 views for the clean view."""
     if view_kind == CLEAN_VIEW:
-        return 0, 0
-    views, seed = view_kind[3:].split("s")
-    return int(views), int(seed)
+        return 0, 0, DEFAULT_CROP_SCALE
+    views, rest = view_kind[3:].split("s")
+    seed, _, scale = rest.partition("c")
+    return int(views), int(seed), float(scale) if scale else DEFAULT_CROP_SCALE
 
 
 def _view_seed(seed: int, path: Path, view: int) -> int:

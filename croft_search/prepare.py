@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from croft_search.backbones import load_backbone
+from croft_search.backbones import DEFAULT_CROP_SCALE, check_crop_scale, load_backbone
 from croft_search.config import EMBEDDED_BACKBONE, EMBEDDED_DATASET, data_root, feature_cache_dir
 from croft_search.data import get_dataset_spec, load_domain_split
 from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
@@ -25,6 +25,12 @@ def build_parser() -> OneLineArgumentParser:
     )
     parser.add_argument("--views", type=int, default=8, help="augmented views per training image")
     parser.add_argument("--view-seed", type=int, default=0, help="seed of the augmented views")
+    parser.add_argument(
+        "--crop-scale",
+        type=float,
+        default=DEFAULT_CROP_SCALE,
+        help="smallest area fraction of an augmented view's crop (the reference: 0.08)",
+    )
     parser.add_argument("--data-root", default=None, help="dataset root (default: $CROFT_DATA)")
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: $CROFT_CACHE)")
     parser.add_argument("--device", default="cpu", help="torch device for encoding")
@@ -37,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.views < 0:
         raise ConfigError(f"--views must be >= 0, got {args.views}")
+    check_crop_scale(args.crop_scale)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     spec = get_dataset_spec(args.dataset)
@@ -53,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size,
     )
     started = time.perf_counter()
-    units = cache.prepare_dataset(spec.name, views=args.views, view_seed=args.view_seed)
+    units = cache.prepare_dataset(
+        spec.name, views=args.views, view_seed=args.view_seed, crop_scale=args.crop_scale
+    )
     open_counts = {
         name: len(cache.open_set_features([name], split))
         for split, names in (("val", spec.val_open_sets), ("test", spec.test_open_sets))
@@ -61,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     seconds = time.perf_counter() - started
 
-    aug_kind = augmented_view_kind(args.views, args.view_seed)
+    aug_kind = augmented_view_kind(args.views, args.view_seed, args.crop_scale)
     print(f"dataset {spec.name} at {cache.data_root / spec.folder}")
     print(f"backbone {backbone.identity} (feature dim {backbone.embed_dim})")
     print(f"{'domain':<16}{'images':>8}{'train images':>14}{'views':>7}")

@@ -34,7 +34,7 @@ from croft_search.results import TRIALS_FILE, TrialTable
 from croft_search.spaces import SearchSpace
 from croft_search.study import StudyMirror
 from croft_search.tracking import SearchTracker
-from trainables.trial import TrialResources, run_trial
+from trainables.trial import TrialResources, load_resources, run_trial
 
 SEARCH_FILE = "search.json"
 TUNE_FILE_LOGGERS_SWITCH = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
@@ -423,17 +423,8 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         _check_reachable(options.address)
 
     # Loading features first: a missing dataset or backbone fails here, before Ray starts.
-    resources = TrialResources.load(
-        space.dataset,
-        space.target_domain_list(),
-        backbone=space.backbone,
-        pretrained=space.pretrained,
-        views=int(space.setting("views")),
-        view_seed=int(space.setting("view_seed")),
-        root=options.data_root,
-        cache_dir=options.cache_dir,
-        progress=True,
-    )
+    resources = load_resources(space.feature_settings(options.data_root, options.cache_dir),
+                               space.target_domain_list(), progress=True)  # fmt: skip
 
     ray.init(
         address=options.address,

@@ -89,7 +89,7 @@ from typing import Any
 import optuna
 import yaml
 
-from croft_search.backbones import RANDOM_PRETRAINED
+from croft_search.backbones import RANDOM_PRETRAINED, check_crop_scale
 from croft_search.data import get_dataset_spec
 from croft_search.errors import ConfigError
 from croft_search.metrics import metric_direction
@@ -128,6 +128,7 @@ TOP_LEVEL_KEYS = (
 SHARED_SETTINGS = (
     "views",
     "view_seed",
+    "crop_scale",
     "selection",
     "device",
     "data_root",
@@ -137,6 +138,7 @@ SHARED_SETTINGS = (
     "checkpoint",
     "eval_protocol",
     "test_open_sets",
+    "recipe",
 )
 PER_METHOD_SETTINGS = ("score",)
 SETTINGS_WITH_OWN_KEY = {
@@ -450,6 +452,20 @@ class SearchSpace:
                 f"{key!r} is not a shared trial setting ({', '.join(SHARED_SETTINGS)})"
             )
         return self.fixed[self.methods[0]].get(key, TRIAL_SETTINGS[key])
+
+    def feature_settings(
+        self, data_root: str | None = None, cache_dir: str | None = None
+    ) -> dict[str, Any]:
+        """Every trial setting, as the search's trials share them, for loading the features
+        once (`trainables.trial.load_resources`): loaded on the CPU, ``data_root`` and
+        ``cache_dir`` (the command line's) over the space's."""
+        settings = dict(TRIAL_SETTINGS)
+        settings |= {key: self.setting(key) for key in SHARED_SETTINGS}
+        settings |= {"dataset": self.dataset, "backbone": self.backbone}
+        settings |= {"pretrained": self.pretrained, "device": "cpu"}
+        settings["data_root"] = data_root or settings["data_root"]
+        settings["cache_dir"] = cache_dir or settings["cache_dir"]
+        return settings
 
     def max_epochs(self) -> int:
         """The most epochs any trial of this space can train (ASHA's default max_t)."""
@@ -933,6 +949,11 @@ class _Parser:
                     key_path,
                     f"{key} {value!r} unknown (use {', '.join(PROTOCOL_CHOICES[key])})",
                 )
+        elif key == "crop_scale":
+            try:
+                check_crop_scale(value)
+            except ConfigError as err:
+                raise self.fail(key_path, str(err)) from None
         elif key == "test_open_sets":
             try:
                 open_set_names({key: value})
@@ -998,7 +1019,7 @@ class _Parser:
         settings = SHARED_SETTINGS + PER_METHOD_SETTINGS
         hparams = {k: v for k, v in values.items() if k not in settings}
         try:
-            resolve_hparams(method, hparams)
+            resolve_hparams(method, hparams, values.get("recipe", TRIAL_SETTINGS["recipe"]))
         except ConfigError as err:
             where = f"variants.{variant}" if variant else "fixed"
             raise self.fail(where, f"{method}: {err}") from None

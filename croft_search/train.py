@@ -51,6 +51,12 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument("--backbone", default=TRIAL_SETTINGS["backbone"])
     parser.add_argument("--pretrained", default=TRIAL_SETTINGS["pretrained"])
     parser.add_argument("--views", type=int, default=TRIAL_SETTINGS["views"])
+    parser.add_argument(
+        "--crop-scale",
+        type=float,
+        default=TRIAL_SETTINGS["crop_scale"],
+        help="smallest area fraction of an augmented view's crop (the reference: 0.08)",
+    )
     parser.add_argument("--score", default=None, help="OOD score (default: the method's)")
     parser.add_argument("--selection", default="val", choices=("val", "oracle"))
     parser.add_argument("--objective-weight", type=float, default=0.5)
@@ -92,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backbone": args.backbone,
         "pretrained": args.pretrained,
         "views": args.views,
+        "crop_scale": args.crop_scale,
         "score": args.score,
         "selection": args.selection,
         "objective_weight": args.objective_weight,

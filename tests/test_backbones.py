@@ -284,4 +284,3 @@ def test_describe_is_json_ready(tiny: Backbone) -> None:
     description = json.loads(json.dumps(tiny.describe()))
     assert description["name"] == "tiny-digits" and description["pretrained"] is None
     assert description["preprocessing"]["size"] == [32, 32]
-    assert description["preprocessing"]["train_crop_scale"] == [0.5, 1.0]

@@ -242,3 +242,20 @@ def test_prepare_missing_real_dataset_names_the_path(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert str(tmp_path / "PACS") in err
+
+
+def test_the_crop_scale_names_its_own_views(backbone, digits_root, tmp_path):
+    split = load_domain_split("digits", digits_root, "photo")
+    samples = list(split.train[:6])
+    cache = FeatureCache(backbone, digits_root, tmp_path, progress=False)
+    assert augmented_view_kind(3, 7) == "aug3s7"  # the default scale keeps old caches valid
+    reference_kind = augmented_view_kind(3, 7, 0.08)
+    assert reference_kind == "aug3s7c0.08"
+    default = cache.features_of("digits", samples, augmented_view_kind(3, 7))
+    wide = cache.features_of("digits", samples, reference_kind)
+    assert wide.shape == default.shape and not torch.allclose(wide, default)
+    again = FeatureCache(backbone, digits_root, tmp_path, progress=False)
+    assert torch.equal(again.features_of("digits", samples, reference_kind), wide)
+    assert again.encoded_images == 0  # read back from its own cache unit
+    crop = backbone.train_transform(hflip=False, crop_scale=0.08).transforms[1]
+    assert crop.scale == (0.08, 1.0)

@@ -322,6 +322,44 @@ def test_dplclip_prompts_come_from_the_batch_domain_mean(tiny, digits_train):
     assert (as_one[:4] - mixed[:4]).abs().max() > 1e-5
 
 
+def test_dplclip_reference_order_and_cross_domain_logits(tiny, digits_train):
+    # The reference (trainers/DPLCLIP.py): MLP on every raw image feature, the mean of the
+    # outputs per domain, and in training every image against all G domains' prompts.
+    given = {"domain_context": "mlp_then_mean", "cross_domain_logits": True}
+    method, _ = build("dplclip", tiny, digits_train, **given)
+    data = digits_train[0]
+    first, second = (
+        torch.nonzero(data.domains == d).flatten()[:3] for d in data.domains.unique()[:2]
+    )
+    features = torch.cat([data.clean[first], data.clean[second]])
+    domains = torch.cat([data.domains[first], data.domains[second]])
+    method.eval()  # dropout off, so the MLP is a function
+    with torch.no_grad():
+        contexts = [method.mlp(features[rows]).mean(0) for rows in (slice(0, 3), slice(3, 6))]
+        shape = (method.n_ctx, method.width)
+        texts = [method.prompt_learner(c.view(1, *shape))[0] for c in contexts]  # [K, d] each
+        image = torch.nn.functional.normalize(features, dim=-1)
+        every = torch.nn.functional.normalize(torch.cat(texts), dim=-1)  # [2K, d]
+        expected_train = method.logit_scale * image @ every.T
+        own = torch.stack([texts[0]] * 3 + [texts[1]] * 3)
+        expected_eval = method.logit_scale * torch.einsum(
+            "bd,bkd->bk", image, torch.nn.functional.normalize(own, dim=-1)
+        )
+        evaluated = method.logits(features, domains)
+        method.train()
+        method.mlp.eval()  # keep dropout off; the training path is what differs
+        trained = method.logits(features, domains)
+    torch.testing.assert_close(evaluated, expected_eval, rtol=1e-5, atol=1e-4)
+    assert trained.shape == (6, 2 * len(DIGIT_NAMES))
+    torch.testing.assert_close(trained, expected_train, rtol=1e-5, atol=1e-4)
+    # Ours maps the mean normalised feature instead: other prompts.
+    ours, _ = build("dplclip", tiny, digits_train)
+    ours.load_state_dict(method.state_dict())
+    ours.eval()
+    with torch.no_grad():
+        assert (ours.logits(features, domains) - evaluated).abs().max() > 1e-4
+
+
 def test_dplclip_context_is_generated_not_learned(tiny, digits_train):
     method, _ = build("dplclip", tiny, digits_train, n_ctx=6)
     assert not method.prompt_learner.context.requires_grad

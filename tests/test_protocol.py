@@ -26,12 +26,14 @@ from croft_search.metrics import (
     fpr_at_recall_nearest,
     ood_metrics,
 )
+from croft_search.prepare import main as prepare_main
 from croft_search.scores import get_score
 from croft_search.spaces import load_space
 from croft_search.train import main as train_main
 from trainables.base import HParam, Method, MethodContext, TrainData
 from trainables.evaluate import REFERENCE_KNN_KS, capped, evaluate
-from trainables.registry import register_method
+from trainables.loop import train_epochs
+from trainables.registry import get_method, method_names, register_method, resolve_hparams
 from trainables.trial import TrialResources, few_shot_val, run_trial
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -155,6 +157,14 @@ def test_dassl_balance_draws_per_domain_whatever_the_class():
     random.Random(1).shuffle(shuffled)
     assert sample_shots(shuffled, 16, seed=0, per="dassl_balance") == picked
     assert sample_shots(samples, 16, seed=1, per="dassl_balance") != picked
+
+
+def test_dassl_balance_at_four_shots_or_fewer_draws_per_class():
+    samples = pacs_like()
+    for shots in (1, 4):
+        picked = sample_shots(samples, shots, seed=0, per="dassl_balance")
+        assert picked == sample_shots(samples, shots, seed=0, per="class")
+        assert Counter(s.label for s in picked) == dict.fromkeys(range(7), shots)
 
 
 def test_dassl_balance_keeps_every_image_of_a_small_class():
@@ -439,7 +449,8 @@ def test_train_command_runs_the_reference_protocol(digits_root, tmp_path):
     assert train_main(argv) == 0
     metrics = json.loads(out.read_text())
     assert metrics["protocol"] == (
-        "eval=reference;checkpoint=best_val;shots_per=class;val_shots=3;test_open_sets=default"
+        "eval=reference;checkpoint=best_val;shots_per=class;val_shots=3;crop_scale=0.5;recipe=ours;"
+        "test_open_sets=default"
     )
     assert metrics["val_best_epoch"] in (0.0, 1.0)
 
@@ -482,3 +493,120 @@ def test_an_open_set_emptied_by_the_removal_is_a_data_error(tmp_path):
     cache = FeatureCache(backbone, tmp_path, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match="open set Caltech101 .test. has no images left for PACS"):
         cache.open_set_rows(["Caltech101"], ("test",), id_dataset="PACS")
+
+
+# ------------------------------------------------------------------------------ augmentation
+
+
+@register_method
+class _Recorder(Method):
+    """Keeps the training features it is given; its one parameter makes the loop run."""
+
+    name = "_protocol_recorder"
+
+    def __init__(self, context, hp):
+        super().__init__(context, hp)
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.seen: list[torch.Tensor] = []
+
+    def logits(self, features, domains=None):
+        return features[:, :2] * self.weight
+
+    def training_loss(self, features, labels, domains, update=None):
+        self.seen.append(features[:, 0].detach().clone())
+        return super().training_loss(features, labels, domains, update)
+
+
+def views_seen(view_order: str, epochs: int = 5, n_views: int = 3) -> list[set[float]]:
+    """The view indices each epoch trained on, for 10 images whose view v is all v."""
+    views = torch.arange(n_views, dtype=torch.float).repeat(10, 1)[:, :, None].expand(-1, -1, 2)
+    data = TrainData(views, views[:, 0], torch.zeros(10, dtype=torch.long), torch.zeros(10).long())
+    context = MethodContext(
+        classnames=("a", "b"), template="{}", class_text=torch.zeros(2, 2), logit_scale=1.0,
+        embed_dim=2, train=data, device=torch.device("cpu"),
+    )  # fmt: skip
+    given = {"epochs": epochs, "batch_size": 4, "view_order": view_order}
+    method = _Recorder(context, resolve_hparams("_protocol_recorder", given))
+    list(train_epochs(method, data, method.hp))
+    steps_per_epoch = 3  # 10 images in batches of 4
+    return [
+        set(torch.cat(method.seen[e * steps_per_epoch : (e + 1) * steps_per_epoch]).tolist())
+        for e in range(epochs)
+    ]
+
+
+def test_view_order_epoch_gives_every_image_view_epoch_mod_views():
+    assert views_seen("epoch") == [{0.0}, {1.0}, {2.0}, {0.0}, {1.0}]
+    mixed = views_seen("random")
+    assert all(len(seen) > 1 for seen in mixed)  # each step draws any view per image
+
+
+@pytest.mark.parametrize("value", [0, 0.0, 1.5, -0.2, "wide", True])
+def test_bad_crop_scale_is_one_line(resources, value):
+    with pytest.raises(ConfigError, match="crop_scale must be a number in .0, 1."):
+        run_trial(config(crop_scale=value), resources["ours"])
+
+
+def test_bad_crop_scale_in_a_space_and_in_prepare(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("method: croft\nfixed: {epochs: 1, crop_scale: 2}\nnum_samples: 1\n")
+    with pytest.raises(ConfigError, match="crop_scale must be a number in"):
+        load_space(str(path))
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_main(["--crop-scale", "0", "--cache-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "crop_scale must be a number in (0, 1]" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- recipes
+
+
+def test_every_reference_recipe_resolves():
+    for name in method_names():
+        hp = resolve_hparams(name, {}, "reference")
+        for key, value in get_method(name).reference_recipe.items():
+            assert hp[key] == value, (name, key)
+
+
+def test_reference_recipes_are_the_reference_configs():
+    # CoOp/configs/trainers/*/ViT_ep30.yaml, CoOp/dassl/config/defaults.py and the scripts.
+    tip = resolve_hparams("tip_adapter_f", {}, "reference")
+    assert (tip["optimizer"], tip["lr"], tip["epochs"], tip["alpha"], tip["beta"]) == (
+        "sgd", 0.001, 50, 1.0, 10.0,
+    )  # fmt: skip
+    assert tip["weight_decay"] == 0.1 and tip["batch_size"] == 32
+    cocoop = resolve_hparams("cocoop", {}, "reference")
+    assert (cocoop["n_ctx"], cocoop["batch_size"], cocoop["epochs"]) == (16, 4, 30)
+    dplclip = resolve_hparams("dplclip", {}, "reference")
+    assert dplclip["domain_context"] == "mlp_then_mean" and dplclip["cross_domain_logits"]
+    croft = resolve_hparams("croft", {}, "reference")
+    assert croft["implementation"] == "reference" and croft["lambda1"] == 15.0
+    assert croft["lc_norm"] == "all" and croft["weight_decay"] == 0.1
+    ours = resolve_hparams("tip_adapter_f", {})
+    assert (ours["optimizer"], ours["epochs"]) == ("adamw", 20)
+
+
+def test_a_configured_value_wins_over_the_recipe():
+    tip = resolve_hparams("tip_adapter_f", {"lr": 0.01}, "reference")
+    assert tip["lr"] == 0.01 and tip["epochs"] == 50
+    croft = resolve_hparams("croft", {"implementation": "paper"}, "reference")
+    assert croft["implementation"] == "paper" and croft["lc_norm"] == "pairs"
+
+
+def test_the_reference_recipe_scores_by_energy(resources):
+    result = run_trial(config(recipe="reference", epochs=1), resources["ours"])
+    assert result["score"] == "energy" and "recipe=reference" in result["protocol"]
+    assert run_trial(config(epochs=1), resources["ours"])["score"] == "mcm"
+    chosen = run_trial(config(recipe="reference", epochs=1, score="msp"), resources["ours"])
+    assert chosen["score"] == "msp"
+
+
+def test_unknown_recipe_is_one_line(resources, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="recipe='authors' is not allowed"):
+        run_trial(config(recipe="authors"), resources["ours"])
+    with pytest.raises(ConfigError, match="recipe='authors' is not allowed"):
+        resolve_hparams("croft", {}, "authors")
+    with pytest.raises(SystemExit):
+        train_main(["--method", "croft", "--recipe", "authors", "--cache-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert "argument --recipe: invalid choice: 'authors'" in err and len(err.splitlines()) == 1

@@ -111,6 +111,30 @@ def test_search_writes_parquet_and_mlflow_parent_child(tmp_path, weights, digits
     assert sorted(t.value for t in study.trials) == sorted(frame["objective"])
 
 
+def test_a_search_runs_the_protocol_its_space_fixes(tmp_path, weights, digits_root):
+    # The features a search loads once must be the ones its trials' protocol needs: the
+    # reference's open-set splits, every test open set, the crop scale's views.
+    fixed = (
+        "fixed: {epochs: 2, shots: 2, views: 2, score: knn, eval_protocol: reference,\n"
+        "        crop_scale: 0.08, view_order: epoch,\n"
+        "        test_open_sets: 'digits_open_test,digits_open_val'}"
+    )
+    body = CROFT_BODY.replace("fixed: {epochs: 2, shots: 2, views: 2}", fixed)
+    body = body.replace("num_samples: 3", "num_samples: 1")
+    space = load_space(str(write_space(tmp_path, "croft_protocol", weights, body)))
+    outcome = search_here(space, tmp_path, digits_root, "r", f"sqlite:///{tmp_path / 'm.db'}")
+    row = pd.read_parquet(outcome.folder / "trials.parquet").iloc[0]
+    assert row["status"] == "ok"
+    assert row["protocol"] == (
+        "eval=reference;checkpoint=last;shots_per=class_and_domain;val_shots=0;"
+        "crop_scale=0.08;recipe=ours;test_open_sets=digits_open_test,digits_open_val"
+    )
+    per_set = (row["test_auroc_digits_open_test"] + row["test_auroc_digits_open_val"]) / 2
+    assert row["test_auroc"] == pytest.approx(per_set)
+    assert row["test_auroc"] == pytest.approx(row["test_knn10_auroc"])
+    assert any(p.name.startswith("aug2s0c0.08") for p in (tmp_path / "cache").rglob("*"))
+
+
 def test_pareto_search_returns_the_validation_pareto_set(tmp_path, weights, digits_root):
     body = CROFT_BODY.replace("num_samples: 3", "num_samples: 4").replace(
         "objective: {joint: 0.5}\nsampler: random",

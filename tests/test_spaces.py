@@ -225,11 +225,22 @@ def test_ray_tune_optuna_searcher_drives_the_space(name):
 
 def test_ablation_grid_is_variants_times_seeds():
     space = load_space("ablation_croft_digits")
-    variants = ["full", "no_generator", "no_edr", "image_only", "text_only", "edr_id_only"]
+    components = ["full", "no_generator", "no_edr", "image_only", "text_only", "edr_id_only"]
+    switches = [
+        "lc_norm", "gen_moves_adapters", "gen_optimizer", "gen_in_main_step", "shift_readapt",
+        "shift_partner", "edr_delta", "edr_shared_delta", "edr_transpose",
+        "edr_stack_shifted", "edr_shifted_readapt",
+    ]  # fmt: skip
+    variants = components + ["reference"] + [f"sw_{name}" for name in switches]
     assert list(space.variants) == variants
+    # Each switch arm flips its switch to the reference's value and nothing else.
+    reference = resolve_hparams("croft", {"implementation": "reference"})
+    for name in switches:
+        arm = space.variants[f"sw_{name}"]
+        assert arm["implementation"] == "custom" and arm[name] == reference[name]
     assert space.seeds == (0, 1, 2)
-    assert space.grid_size() == space.num_samples == 18
-    configs = ask_configs(space, 18)
+    assert space.grid_size() == space.num_samples == 3 * len(variants)
+    configs = ask_configs(space, 3 * len(variants))
     assert sorted((c["variant"], c["seed"]) for c in configs) == sorted(
         (v, s) for v in variants for s in (0, 1, 2)
     )
@@ -394,7 +405,7 @@ def test_overrides_of_top_level_keys():
 
 def test_grid_size_follows_overrides():
     space = load_space("ablation_croft_digits").with_overrides(fixed_overrides={"seeds": "[0]"})
-    assert space.grid_size() == space.num_samples == 6
+    assert space.grid_size() == space.num_samples == len(space.variants)
 
 
 def test_per_method_override_in_a_multi_method_space():
@@ -416,8 +427,10 @@ def test_bad_override_names_the_override():
     )
     with pytest.raises(ConfigError, match="num_samples: must be an integer >= 1, got 0"):
         load_space("croft_digits").with_overrides(num_samples=0)
-    with pytest.raises(ConfigError, match="exceeds the grid's 18 points"):
-        load_space("ablation_croft_digits").with_overrides(num_samples=19)
+    grid = load_space("ablation_croft_digits")
+    points = 3 * len(grid.variants)
+    with pytest.raises(ConfigError, match=f"exceeds the grid's {points} points"):
+        grid.with_overrides(num_samples=points + 1)
 
 
 # ------------------------------------------------------------------ validation errors

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.base import HParam, Method, MethodContext
+from trainables.base import DASSL_RECIPE, HParam, Method, MethodContext
 from trainables.registry import register_method
 
 
@@ -26,6 +26,8 @@ class CLIPAdapter(Method):
         "reduction": HParam(4, choices=(2, 4, 8, 16), help="bottleneck width is d / reduction"),
     }
     default_score = "mcm"
+    # trainers/CLIP_Adapter.py: residual ratio 0.2, reduction 4.
+    reference_recipe = {**DASSL_RECIPE, "ratio": 0.2, "reduction": 4}
 
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__(context, hp)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.base import HParam, Method, MethodContext
+from trainables.base import DASSL_RECIPE, HParam, Method, MethodContext
 from trainables.registry import register_method
 from trainables.text import PromptLearner
 
@@ -27,6 +27,9 @@ META_NET_REDUCTION = 16
 class CoCoOp(Method):
     name = "cocoop"
     default_score = "mcm"
+    # scripts/cocoop/cocoop_pacs.sh and configs/trainers/CoCoOp/ViT_ep30.yaml: 16 random
+    # context tokens, batch 4, 30 epochs.
+    reference_recipe = {**DASSL_RECIPE, "n_ctx": 16, "ctx_init": "", "batch_size": 4}
     hparams = {
         "n_ctx": HParam(4, low=1, high=16, help="context length M (must fit the context length)"),
         "ctx_init": HParam(

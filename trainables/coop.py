@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from trainables.base import HParam, Method, MethodContext
+from trainables.base import DASSL_RECIPE, HParam, Method, MethodContext
 from trainables.registry import register_method
 from trainables.text import CLASS_POSITIONS, PromptLearner
 
@@ -25,6 +25,11 @@ from trainables.text import CLASS_POSITIONS, PromptLearner
 class CoOp(Method):
     name = "coop"
     default_score = "mcm"
+    # scripts/coop/coop_pacs.sh: 16 context tokens, shared, class token at the end.
+    reference_recipe = {
+        **DASSL_RECIPE, "n_ctx": 16, "ctx_init": "", "class_specific": False,
+        "class_position": "end",
+    }  # fmt: skip
     hparams = {
         "n_ctx": HParam(4, low=1, high=16, help="context length M (must fit the context length)"),
         "ctx_init": HParam(

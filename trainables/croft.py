@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables import croft_variants
-from trainables.base import HParam, Method, MethodContext
+from trainables.base import DASSL_RECIPE, HParam, Method, MethodContext
 from trainables.croft_objective import (
     AdapterPass,
     Batch,
@@ -106,6 +106,12 @@ def edr_penalty(
 class CRoFT(Method):
     name = "croft"
     default_score = "energy"
+    # The reference trainer (implementation), scripts/CRoFT/croft_pacs_vit.sh (ratios 0.2 and
+    # 0.5, lambda1 15, one generator step) and train.py's lambda2 default, 5.
+    reference_recipe = {
+        **DASSL_RECIPE, "implementation": "reference", "ratio_image": 0.2, "ratio_text": 0.5,
+        "lambda1": 15.0, "lambda2": 5.0, "gen_steps": 1,
+    }  # fmt: skip
     hparams = {
         # The reference's training recipe (CoOp/Dassl): SGD, cosine, 1 warm-up epoch.
         "lr": HParam(0.002, low=0.0, high=10.0, help="peak learning rate"),

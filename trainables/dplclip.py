@@ -20,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.base import HParam, Method, MethodContext
+from trainables.base import DASSL_RECIPE, HParam, Method, MethodContext
 from trainables.registry import register_method
 from trainables.text import PromptLearner
+
+# Where the MLP sits: on the domain's mean feature (ours) or on every feature, then the mean.
+DOMAIN_CONTEXTS = ("mean_then_mlp", "mlp_then_mean")
 
 
 def domain_mlp(inputs: int, width: int, depth: int, dropout: float, outputs: int) -> nn.Module:
@@ -49,7 +52,24 @@ class DPLCLIP(Method):
         "lr": HParam(0.002, low=1e-6, high=1.0, help="peak learning rate"),
         "batch_size": HParam(32, low=2, high=4096, help="domain means need several samples"),
         "epochs": HParam(30, low=0, high=1000),
+        "domain_context": HParam(
+            "mean_then_mlp",
+            choices=DOMAIN_CONTEXTS,
+            help="the MLP maps the domain's mean normalised feature, or each raw feature before "
+            "the mean (the reference's trainers/DPLCLIP.py)",
+        ),
+        "cross_domain_logits": HParam(
+            False,
+            help="training logits of every image against every domain's prompts, [B, G*K], the "
+            "label pointing into the first domain's block (the reference's)",
+        ),
     }
+    # scripts/DPLCLIP/DPLCLIP_pacs.sh (16 generated tokens) with the reference trainer's
+    # order (MLP, then the mean) and its [B, G*K] training logits.
+    reference_recipe = {
+        **DASSL_RECIPE, "n_ctx": 16, "domain_context": "mlp_then_mean",
+        "cross_domain_logits": True,
+    }  # fmt: skip
 
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__(context, hp)
@@ -68,15 +88,29 @@ class DPLCLIP(Method):
 
     def domain_text(self, features: torch.Tensor, domains: torch.Tensor | None) -> torch.Tensor:
         """Per-sample text features [B, K, d]: the prompts of the sample's domain."""
+        return self._per_domain_text(features, domains)[0]
+
+    def _per_domain_text(
+        self, features: torch.Tensor, domains: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample text features [B, K, d], each present domain's [G, K, d])."""
         if domains is None:
             domains = torch.zeros(len(features), dtype=torch.long, device=features.device)
         present, member = torch.unique(domains, return_inverse=True)
-        normed = F.normalize(features, dim=-1)
-        sums = normed.new_zeros(len(present), normed.shape[1]).index_add_(0, member, normed)
-        counts = torch.bincount(member, minlength=len(present)).to(normed.dtype)
+        if self.hp["domain_context"] == "mlp_then_mean":
+            inputs = self.mlp(features)
+        else:
+            inputs = F.normalize(features, dim=-1)
+        sums = inputs.new_zeros(len(present), inputs.shape[1]).index_add_(0, member, inputs)
+        counts = torch.bincount(member, minlength=len(present)).to(inputs.dtype)
         means = sums / counts[:, None]
-        generated = self.mlp(means).view(len(present), self.n_ctx, self.width)
-        return self.prompt_learner(generated)[member]
+        if self.hp["domain_context"] == "mean_then_mlp":
+            means = self.mlp(means)
+        text = self.prompt_learner(means.view(len(present), self.n_ctx, self.width))
+        return text[member], text
 
     def logits(self, features: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
-        return self.clip_logits(features, self.domain_text(features, domains))
+        per_sample, per_domain = self._per_domain_text(features, domains)
+        if self.training and self.hp["cross_domain_logits"]:
+            return self.clip_logits(features, per_domain.reshape(-1, per_domain.shape[-1]))
+        return self.clip_logits(features, per_sample)

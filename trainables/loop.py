@@ -85,7 +85,10 @@ def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterato
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, hp["batch_size"]):
             index = order[start : start + hp["batch_size"]]
-            view = torch.randint(n_views, (index.shape[0],), generator=generator)
+            if hp["view_order"] == "epoch":
+                view = torch.full((index.shape[0],), epoch % n_views, dtype=torch.long)
+            else:
+                view = torch.randint(n_views, (index.shape[0],), generator=generator)
             features = data.views[index, view].to(device)
             labels = method.targets(data.labels[index], index).to(device)
             domains = data.domains[index].to(device)

@@ -8,7 +8,7 @@ import pkgutil
 from typing import Any
 
 from croft_search.errors import ConfigError
-from trainables.base import LOOP_HPARAMS, HParam, Method
+from trainables.base import LOOP_HPARAMS, RECIPES, HParam, Method
 
 _METHODS: dict[str, type[Method]] = {}
 # Modules of this package that hold infrastructure, not methods.
@@ -60,11 +60,18 @@ def hparam_specs(method: str) -> dict[str, HParam]:
     return {**LOOP_HPARAMS, **get_method(method).hparams}
 
 
-def resolve_hparams(method: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def resolve_hparams(
+    method: str, overrides: dict[str, Any] | None = None, recipe: str = "ours"
+) -> dict[str, Any]:
     """Defaults of ``method`` updated with ``overrides``, each checked for name, type and
-    range; an unknown key is an error (a typo must not silently fall back to a default)."""
+    range; an unknown key is an error (a typo must not silently fall back to a default).
+    Under ``recipe="reference"`` the method's ``reference_recipe`` fills the keys
+    ``overrides`` leaves unset (`trainables.base.RECIPES`)."""
     specs = hparam_specs(method)
-    overrides = dict(overrides or {})
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe={recipe!r} is not allowed; expected one of {', '.join(RECIPES)}")
+    preset = get_method(method).reference_recipe if recipe == "reference" else {}
+    overrides = {**preset, **(overrides or {})}
     unknown = sorted(set(overrides) - set(specs))
     if unknown:
         raise ConfigError(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.base import HParam, Method, MethodContext
+from trainables.base import DASSL_RECIPE, HParam, Method, MethodContext
 from trainables.registry import register_method
 
 
@@ -42,6 +42,11 @@ class TipAdapterF(Method):
     # "softmax of cosine / T" does not describe them; energy (logsumexp of the logits) is the
     # logit-based score that needs no such reading and uses the cache evidence as it is.
     default_score = "energy"
+    # configs/trainers/TIP_ADAPTER/ViT_ep30.yaml (SGD at 0.001 for 50 epochs, batch 32) and
+    # scripts/TIP_Adapter/tip_pacs_vit.sh (alpha 1, beta 10).
+    reference_recipe = {
+        **DASSL_RECIPE, "lr": 0.001, "epochs": 50, "alpha": 1.0, "beta": 10.0,
+    }  # fmt: skip
 
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__(context, hp)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from croft_search.backbones import Backbone, load_backbone
+from croft_search.backbones import DEFAULT_CROP_SCALE, Backbone, check_crop_scale, load_backbone
 from croft_search.config import data_root
 from croft_search.data import SHOTS_PER, get_dataset_spec, sample_shots
 from croft_search.errors import ConfigError
@@ -20,7 +20,7 @@ from croft_search.features import FeatureCache, SplitFeatures
 from croft_search.scores import score_names
 from croft_search.selection import check_selection, objective
 from croft_search.zeroshot import class_prompts
-from trainables.base import Method, MethodContext, TrainData
+from trainables.base import RECIPES, REFERENCE_SCORE, Method, MethodContext, TrainData
 from trainables.evaluate import (
     EVAL_PROTOCOLS,
     build_score,
@@ -41,6 +41,7 @@ TRIAL_SETTINGS: dict[str, Any] = {
     "pretrained": "default",
     "views": 8,
     "view_seed": 0,
+    "crop_scale": DEFAULT_CROP_SCALE,
     "score": None,
     "selection": "val",
     "objective_weight": 0.5,
@@ -53,12 +54,14 @@ TRIAL_SETTINGS: dict[str, Any] = {
     "checkpoint": "last",
     "eval_protocol": "ours",
     "test_open_sets": None,
+    "recipe": "ours",
 }
 # The values each protocol setting takes.
 PROTOCOL_CHOICES: dict[str, tuple[str, ...]] = {
     "shots_per": SHOTS_PER,
     "checkpoint": ("last", "best_val"),
     "eval_protocol": EVAL_PROTOCOLS,
+    "recipe": RECIPES,
 }
 # Called after every epoch with the validation metrics so far; True stops the trial.
 ReportCallback = Callable[[dict[str, float]], bool | None]
@@ -84,6 +87,7 @@ class TrialResources:
         pretrained: str | None = "default",
         views: int = 8,
         view_seed: int = 0,
+        crop_scale: float = DEFAULT_CROP_SCALE,
         root: str | None = None,
         cache_dir: str | None = None,
         device: str = "cpu",
@@ -102,6 +106,7 @@ class TrialResources:
                 target,
                 views=views,
                 view_seed=view_seed,
+                crop_scale=crop_scale,
                 test_open_sets=test_open_sets,
                 test_open_splits=open_splits,
             )
@@ -118,27 +123,41 @@ class TrialResources:
 _RESOURCES: dict[tuple, TrialResources] = {}
 
 
+# The trial settings that decide which features a trial needs.
+FEATURE_SETTINGS = (
+    "dataset", "backbone", "pretrained", "views", "view_seed", "crop_scale", "data_root",
+    "cache_dir", "device", "eval_protocol",
+)  # fmt: skip
+
+
+def load_resources(
+    settings: Mapping[str, Any], targets: Sequence[str], progress: bool = False
+) -> TrialResources:
+    """The features and backbone that trials with these settings (`TRIAL_SETTINGS`, defaults
+    filled in) need for ``targets``."""
+    return TrialResources.load(
+        settings["dataset"],
+        targets,
+        backbone=settings["backbone"],
+        pretrained=settings["pretrained"],
+        views=settings["views"],
+        view_seed=settings["view_seed"],
+        crop_scale=settings["crop_scale"],
+        root=settings["data_root"],
+        cache_dir=settings["cache_dir"],
+        device=settings["device"],
+        progress=progress,
+        test_open_sets=open_set_names(settings) or None,
+        eval_protocol=settings["eval_protocol"],
+    )
+
+
 def resources_for(settings: Mapping[str, Any], targets: Sequence[str]) -> TrialResources:
     """Resources for these settings, kept per process so repeated trials load nothing."""
-    key = tuple(
-        settings[k]
-        for k in ("dataset", "backbone", "pretrained", "views", "view_seed", "data_root",
-                  "cache_dir", "device", "eval_protocol")
-    ) + tuple(targets) + tuple(open_set_names(settings))  # fmt: skip
+    key = tuple(settings[k] for k in FEATURE_SETTINGS)
+    key += tuple(targets) + tuple(open_set_names(settings))
     if key not in _RESOURCES:
-        _RESOURCES[key] = TrialResources.load(
-            settings["dataset"],
-            targets,
-            backbone=settings["backbone"],
-            pretrained=settings["pretrained"],
-            views=settings["views"],
-            view_seed=settings["view_seed"],
-            root=settings["data_root"],
-            cache_dir=settings["cache_dir"],
-            device=settings["device"],
-            test_open_sets=open_set_names(settings) or None,
-            eval_protocol=settings["eval_protocol"],
-        )
+        _RESOURCES[key] = load_resources(settings, targets)
     return _RESOURCES[key]
 
 
@@ -173,6 +192,7 @@ def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
         raise ConfigError(f"objective_weight must be a number in [0, 1], got {weight!r}")
     if not isinstance(settings["views"], int) or settings["views"] < 0:
         raise ConfigError(f"views must be an integer >= 0, got {settings['views']!r}")
+    check_crop_scale(settings["crop_scale"])
     for key, allowed in PROTOCOL_CHOICES.items():
         if settings[key] not in allowed:
             raise ConfigError(
@@ -262,7 +282,8 @@ def run_trial(
     per-target figure as ``<target>/<metric>``."""
     settings, overrides = split_config(config)
     method_cls = get_method(settings["method"])
-    hp = resolve_hparams(settings["method"], overrides)
+    hp = resolve_hparams(settings["method"], overrides, settings["recipe"])
+    score_name = score_for(settings, method_cls)
     targets = target_domains(settings["dataset"], settings["target_domain"])
     resources = resources or resources_for(settings, targets)
     missing = [t for t in targets if t not in resources.splits]
@@ -288,7 +309,7 @@ def run_trial(
         row = _mean_rows(epoch_rows)
         if report is not None:
             validation = [
-                evaluate(method, split, build_score(method, settings["score"], data), False)
+                evaluate(method, split, build_score(method, score_name, data), False)
                 for _, split, data, method, _ in runs
             ]
             row |= _mean_rows(validation)
@@ -304,7 +325,7 @@ def run_trial(
     for index, (target, split, data, method, _) in enumerate(runs):
         if best is not None:
             best[index].restore(method)
-        score = build_score(method, settings["score"], data)
+        score = build_score(method, score_name, data)
         per_target[target] = evaluate(
             method, split, score, include_test=True, protocol=protocol, seed=hp["seed"]
         )
@@ -319,7 +340,7 @@ def run_trial(
         raise FloatingPointError("the trial produced NaN metrics")
     result |= {
         "selection": settings["selection"],
-        "score": settings["score"] or method_cls.default_score,
+        "score": score_name,
         "target_domains": ",".join(targets),
         "epochs_run": len(history),
         "train_seconds": train_seconds,
@@ -329,12 +350,21 @@ def run_trial(
     return result
 
 
+def score_for(settings: Mapping[str, Any], method_cls: type[Method]) -> str:
+    """The OOD score a trial reports: the configured one, else the recipe's default (energy
+    under the reference recipe, the method's own otherwise)."""
+    if settings["score"]:
+        return settings["score"]
+    return REFERENCE_SCORE if settings["recipe"] == "reference" else method_cls.default_score
+
+
 def protocol_label(settings: Mapping[str, Any]) -> str:
     """The protocol settings of a trial in one string, recorded beside its metrics."""
     names = ",".join(open_set_names(settings)) or "default"
     return (
         f"eval={settings['eval_protocol']};checkpoint={settings['checkpoint']};"
         f"shots_per={settings['shots_per']};val_shots={settings['val_shots']};"
+        f"crop_scale={settings['crop_scale']:g};recipe={settings['recipe']};"
         f"test_open_sets={names}"
     )
 

@@ -68,6 +68,8 @@ class ZeroShotCLIP(Method):
         "epochs": HParam(0, low=0, high=0, help="zero-shot: nothing trains"),
     }
     default_score = "mcm"
+    # trainers/zsclip.py: the dataset's one template ("a photo of a {}." for PACS and VLCS).
+    reference_recipe = {"ensemble": False}
 
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__(context, hp)

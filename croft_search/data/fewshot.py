@@ -51,6 +51,7 @@ def _stable_hash(key: tuple[int, str]) -> int:
 # the pooled source domains (Dassl's generate_fewshot_dataset), or Dassl's
 # generate_fewshot_dataset_balance as the CRoFT reference runs it on PACS.
 SHOTS_PER = ("class_and_domain", "class", "dassl_balance")
+DASSL_BALANCE_MIN_SHOTS = 4
 
 
 def sample_shots(
@@ -61,12 +62,15 @@ def sample_shots(
     int(k / domains) images from *each source domain, whatever their class*, so 16 shots of
     PACS's 7 classes over 3 domains give 7 x 3 x 5 = 105 images of a random class mix, an
     image possibly more than once (its rows repeat); a class with fewer images adds all of
-    them."""
+    them. At k <= 4 the reference's PACS reader draws k per class instead
+    (CoOp/datasets/PACS.py), and so does this."""
     if per not in SHOTS_PER:
         raise ConfigError(f"shots_per {per!r} unknown (use {', '.join(SHOTS_PER)})")
     if per == "class_and_domain":
         return sample_few_shot(samples, shots, seed)
     if per == "class":
+        return sample_few_shot(samples, shots, seed, per_domain=False)
+    if shots is not None and 0 < shots <= DASSL_BALANCE_MIN_SHOTS:
         return sample_few_shot(samples, shots, seed, per_domain=False)
     ordered = sorted(samples, key=_sort_key)
     if shots is None or shots <= 0:
