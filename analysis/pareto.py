@@ -99,6 +99,7 @@ class Analysis:
     statuses: str
     sources: list[SearchSource] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    protocols: list[str] = field(default_factory=list)
 
 
 def analyse(
@@ -197,6 +198,11 @@ def analyse(
             ok_rows, objectives, group_column, importance
         )
     notes += selection_notes + ablation_notes + importance_notes
+    protocols = []
+    if "protocol" in ok_rows.columns:
+        protocols = sorted({str(p) for p in ok_rows["protocol"].dropna()})
+    if len(protocols) > 1:
+        notes.append(f"the trials ran under {len(protocols)} protocols; fronts and tables mix them")
     counts = {
         "total": len(trials),
         "ok": len(ok),
@@ -219,6 +225,7 @@ def analyse(
         statuses=status_counts(trials),
         sources=list(sources),
         notes=notes,
+        protocols=protocols,
     )
 
 

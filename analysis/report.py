@@ -35,6 +35,19 @@ def _reference_text(analysis: Analysis) -> str:
     return f"({values}), {analysis.reference_origin}"
 
 
+def protocol_text(protocols: Sequence[str]) -> str:
+    """The protocols the trials ran under, the reference's labelled as such."""
+    if not protocols:
+        return "not recorded (trials from before protocols were recorded: ours)"
+    labelled = [
+        f"{p} (the CRoFT reference's evaluation, not comparable with eval=ours)"
+        if "eval=reference" in p
+        else p
+        for p in protocols
+    ]
+    return "; ".join(labelled)
+
+
 def _summary_rows(analysis: Analysis) -> pd.DataFrame:
     rows = []
     for summary in [analysis.combined, *analysis.groups]:
@@ -57,6 +70,7 @@ def front_markdown(analysis: Analysis) -> str:
         f"Sources: {', '.join(source.name for source in analysis.sources)}  ",
         f"Objectives: {objectives_note(analysis.objectives)}  ",
         f"Hypervolume reference point: {_reference_text(analysis)}  ",
+        f"Protocol: {protocol_text(analysis.protocols)}  ",
         "Knee: the front point with the largest sum of objectives rescaled to [0, 1] over "
         "the front (with two objectives: farthest beyond the line joining the extremes).\n",
         f"> {TEST_SELECTION_WARNING}\n",
@@ -108,6 +122,7 @@ def report_html(analysis: Analysis, png: bytes) -> str:
         f"Trials: {counts['total']} ({escape(analysis.statuses)}); {counts['ranked']} "
         "ranked (status ok and every metric present).<br>"
         f"Hypervolume reference point: {escape(_reference_text(analysis))}.<br>"
+        f"Protocol: {escape(protocol_text(analysis.protocols))}.<br>"
         "Knee: the front point with the largest sum of objectives rescaled to [0, 1] over the "
         "front (with two objectives: the point farthest beyond the line joining the extremes)."
         "</p>",

@@ -152,9 +152,20 @@ def ablation_table(
     table = table.reset_index(drop=True)
     if (table["variant"] == reference_variant).any():
         for metric in metrics:
-            table[f"{metric} Δ vs {reference_variant}"] = table[f"{metric} mean"] - _reference_mean(
+            delta = table[f"{metric} mean"] - _reference_mean(
                 table, metric, keys, reference_variant
             )
+            table[f"{metric} Δ vs {reference_variant}"] = delta
+            # Beyond the seed spread: |Δ| above the larger of the two seed standard
+            # deviations; unknown (None) where either has a single seed.
+            spread = np.maximum(
+                table[f"{metric} std"],
+                _reference_mean(table, metric, keys, reference_variant, column="std"),
+            )
+            table[f"{metric} beyond spread"] = [
+                None if math.isnan(s) else bool(abs(d) > s)
+                for d, s in zip(delta, spread, strict=True)
+            ]
     else:
         notes.append(f"ablation: no {reference_variant!r} variant, so no differences to it")
     return table, notes
@@ -171,13 +182,18 @@ def _one_trial_per_seed(rows: pd.DataFrame, seed_keys: Sequence[str]) -> pd.Data
 
 
 def _reference_mean(
-    table: pd.DataFrame, metric: str, keys: Sequence[str], reference_variant: str
+    table: pd.DataFrame,
+    metric: str,
+    keys: Sequence[str],
+    reference_variant: str,
+    column: str = "mean",
 ) -> pd.Series:
-    """The reference variant's mean for each row's method (or the single one)."""
+    """The reference variant's mean (or ``column``) for each row's method (or the single
+    one)."""
     reference = table[table["variant"] == reference_variant]
     if len(keys) == 1:
-        return pd.Series(float(reference[f"{metric} mean"].iloc[0]), index=table.index)
-    by_method = reference.set_index("method")[f"{metric} mean"]
+        return pd.Series(float(reference[f"{metric} {column}"].iloc[0]), index=table.index)
+    by_method = reference.set_index("method")[f"{metric} {column}"]
     return table["method"].map(by_method).astype(float)
 
 

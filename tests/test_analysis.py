@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis import pareto
+from analysis import pareto, report
 from analysis.fronts import hypervolume, knee_point, pareto_ranks, pareto_ranks_bruteforce
 from analysis.importance import importance_table, infer_distribution
 from analysis.objectives import Objective, metric_direction, parse_objectives
@@ -287,6 +287,10 @@ def test_ablation_table_mean_std_and_difference_to_full() -> None:
     assert table.loc["no_edr", "test_acc Δ vs full"] == pytest.approx(-0.10)
     assert np.isnan(table.loc["text_only", "test_acc std"])  # one seed: no spread
     assert table.loc["text_only", "test_acc Δ vs full"] == pytest.approx(-0.22)
+    # |Δ| against the larger seed std of the two: 0.10 > 0.0283 (no_edr); full itself 0.
+    assert table.loc["no_edr", "test_acc beyond spread"] is True
+    assert table.loc["full", "test_acc beyond spread"] is False
+    assert table.loc["text_only", "test_acc beyond spread"] is None  # one seed: unknown
     assert notes == []
     assert ablation_table(frame.drop(columns="config/variant"), ["test_acc"])[0].empty
 
@@ -378,6 +382,25 @@ def test_cli_writes_the_four_files(search_folder: Path, capsys: pytest.CaptureFi
     )
     assert "http://" not in page and "https://" not in page  # opens offline
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_labels_the_protocol(tmp_path: Path) -> None:
+    trials = synthetic_trials(methods=("croft",), per_method=8)
+    ours = "eval=ours;checkpoint=last;shots_per=class_and_domain;val_shots=0"
+    reference = "eval=reference;checkpoint=best_val;shots_per=dassl_balance;val_shots=16"
+    analysis = pareto.analyse(trials.assign(protocol=reference), "test_acc,test_auroc")
+    assert analysis.protocols == [reference]
+    text = report.front_markdown(analysis)
+    assert f"Protocol: {reference} (the CRoFT reference's evaluation" in text
+    assert not any("protocols" in note for note in analysis.notes)
+    mixed = trials.assign(protocol=[[ours, reference][i % 2] for i in range(len(trials))])
+    analysis = pareto.analyse(mixed, "test_acc,test_auroc")
+    assert analysis.protocols == sorted([ours, reference])
+    assert "the trials ran under 2 protocols; fronts and tables mix them" in analysis.notes
+    page = report.report_html(analysis, b"png")
+    assert "Protocol: eval=ours" in page and "not comparable with eval=ours" in page
+    old = pareto.analyse(trials, "test_acc,test_auroc")
+    assert "Protocol: not recorded" in report.front_markdown(old)
 
 
 def test_cli_compares_several_searches(tmp_path: Path) -> None:
