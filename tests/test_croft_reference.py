@@ -338,3 +338,23 @@ def test_variant_presets_fill_every_switch_and_custom_mixes_them() -> None:
     mixed = resolve_hparams("croft", {"implementation": "custom", "lc_norm": "all"})
     assert mixed["lc_norm"] == "all" and mixed["edr_delta"] == 0.0
     assert croft_variants.is_paper(resolve_hparams("croft"))
+
+
+SINGLE_SWITCH_ARMS = [
+    {switch.name: switch.reference} for switch in croft_variants.SWITCHES
+    if switch.name != "gen_in_main_step"
+] + [{"gen_optimizer": "main", "gen_in_main_step": True}]  # fmt: skip
+
+
+@pytest.mark.parametrize("arm", SINGLE_SWITCH_ARMS, ids=lambda arm: "+".join(arm))
+def test_every_single_switch_trains_for_several_epochs(arm: dict[str, Any]) -> None:
+    # One switch at the reference's value, the rest at the paper's: the arms of
+    # ablation_croft_digits. Several epochs and batches, so that the optimiser sees steps
+    # where some parameters have no gradient after others gained momentum.
+    method, data = tiny(batch=4, implementation="custom", epochs=3, batch_size=2, **arm)
+    before = {name: p.detach().clone() for name, p in method.named_parameters()}
+    history = train(method, data, method.hp)
+    assert len(history) == 3
+    assert all(torch.isfinite(torch.tensor(row["ce"])) for row in history)
+    moved = [name for name, p in method.named_parameters() if not torch.equal(p, before[name])]
+    assert "image_adapter" in moved and "generator" in moved

@@ -161,6 +161,9 @@ class Method(nn.Module):
     default_score: ClassVar[str] = "mcm"
     # Whether logits depend on the batch as a whole (DPLCLIP: the batch's mean feature).
     batch_dependent: ClassVar[bool] = False
+    # Whether training_loss may step the loop's optimiser (its ``update``) on a loss that
+    # leaves some trainable parameters without a gradient (CRoFT's generator steps).
+    partial_steps: bool = False
     # The hyper-parameters the CRoFT code base (github LinLLLL/CRoFT, for ViT-B/16) trains
     # this method with; the trial setting recipe=reference fills every one a configuration
     # leaves unset. Empty for a method that code base does not run.

@@ -171,6 +171,9 @@ class CRoFT(Method):
         self.generator_in_main_optimizer = self.generator_in_main_step or (
             self.use_generator and hp["gen_optimizer"] == "main"
         )
+        # Off the paper's path the generator's inner steps and the main step may each leave
+        # some parameters without a gradient.
+        self.partial_steps = not self.hand_written and self.use_generator and self.gen_steps > 0
         # Shifted features join the EDR only in the worst-case branch, as in the reference
         # (METHODS.md: Le(zI) + Le(zI^c) there; joint training penalises ID features only).
         self.edr_on_shifted = self.worst_case and hp["edr_on_shifted"]

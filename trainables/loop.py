@@ -28,19 +28,23 @@ def learning_rate(epoch: int, hp: dict[str, Any]) -> float:
     return 0.5 * hp["lr"] * (1 + math.cos(math.pi * (epoch - hp["warmup_epochs"]) / hp["epochs"]))
 
 
-def build_optimizer(params: list[torch.nn.Parameter], hp: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[torch.nn.Parameter], hp: dict[str, Any], fused: bool = True
+) -> torch.optim.Optimizer:
+    """The trial's optimiser. ``fused=False`` for methods that step it with some parameters'
+    gradients absent: torch's fused SGD cannot take a mix of parameters with and without
+    momentum buffers, where the default implementation skips those without a gradient."""
     # The fused kernels update every parameter in one call: on the small matrices of
     # cached-feature methods the per-parameter loop's overhead is most of the step.
+    fused = fused and fusable(params)
     if hp["optimizer"] == "adamw":
-        return torch.optim.AdamW(
-            params, lr=hp["lr"], weight_decay=hp["weight_decay"], fused=fusable(params)
-        )
+        return torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"], fused=fused)
     return torch.optim.SGD(
         params,
         lr=hp["lr"],
         momentum=hp["momentum"],
         weight_decay=hp["weight_decay"],
-        fused=fusable(params),
+        fused=fused,
     )
 
 
@@ -64,7 +68,7 @@ def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterato
     if not params or hp["epochs"] == 0 or len(data) == 0:
         method.eval()
         return
-    optimizer = build_optimizer(params, hp)
+    optimizer = build_optimizer(params, hp, fused=not method.partial_steps)
     generator = torch.Generator().manual_seed(hp["seed"])
     n, n_views = data.views.shape[:2]
     device = params[0].device
