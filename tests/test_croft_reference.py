@@ -358,3 +358,87 @@ def test_every_single_switch_trains_for_several_epochs(arm: dict[str, Any]) -> N
     assert all(torch.isfinite(torch.tensor(row["ce"])) for row in history)
     moved = [name for name, p in method.named_parameters() if not torch.equal(p, before[name])]
     assert "image_adapter" in moved and "generator" in moved
+
+
+def test_test_ratios_replace_the_trained_ones_in_evaluation_only() -> None:
+    # The reference's open-set test scripts reload a model trained at (0.2, 0.5) with
+    # ratio 0.5 and ratio_text 0.0: the text side is then zero-shot.
+    method, data = tiny(test_ratio_image=0.5, test_ratio_text=0.0)
+    plain, _ = tiny()
+    method.eval()
+    plain.eval()
+    raw_text = method.raw_text()
+    features = data.clean
+    with torch.no_grad():
+        image = F.normalize(0.5 * features @ method.image_adapter.T + 0.5 * features, dim=-1)
+        expected = method.logit_scale * image @ F.normalize(raw_text, dim=-1).T
+        torch.testing.assert_close(method.logits(features), expected)
+        method.train()
+        plain.train()
+        torch.testing.assert_close(method.logits(features), plain.logits(features))
+
+
+def _written_out(method: CRoFT, features: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x, t, xc and n(f) of one batch, from the weights, as the equations write them."""
+    ri, rt = method.hp["ratio_image"], method.hp["ratio_text"]
+    raw_text = method.raw_text()
+    x = F.normalize(ri * features @ method.image_adapter.T + (1 - ri) * features, dim=-1)
+    t = F.normalize(rt * raw_text @ method.text_adapter.T + (1 - rt) * raw_text, dim=-1)
+    xc = F.normalize(x @ method.generator + x, dim=-1)
+    return {"x": x, "t": t, "xc": xc, "zero_shot": F.normalize(features, dim=-1)}
+
+
+def _pairs_mean(shifted: torch.Tensor, partner: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    same = (labels[:, None] == labels[None, :]).to(shifted.dtype)
+    return (same * (shifted @ partner.T)).sum() / same.sum()
+
+
+@pytest.mark.parametrize("readapt", [False, True])
+@pytest.mark.parametrize("partner", ["adapted", "zero_shot"])
+def test_worst_case_shift_term_target_and_partner_by_hand(readapt: bool, partner: str) -> None:
+    method, data = tiny(
+        implementation="custom", shift_readapt=readapt, shift_partner=partner,
+        lambda1=15.0, lambda2=0.0, gen_steps=1,
+    )  # fmt: skip
+    parts = _written_out(method, data.clean)
+    ri, scale = method.hp["ratio_image"], method.logit_scale
+    target = parts["xc"]
+    if readapt:  # CRoFT.py: ratio on the un-adapted part, W not transposed, no normalisation
+        target = ri * parts["xc"] + (1 - ri) * parts["xc"] @ method.image_adapter
+    lc = _pairs_mean(parts["xc"], parts["x"] if partner == "adapted" else parts["zero_shot"],
+                     data.labels)  # fmt: skip
+    expected = F.cross_entropy(scale * target @ parts["t"].T, data.labels) - 15.0 * lc
+    _, terms = croft_variants.training_loss(method, data.clean, data.labels, inner_steps=False)
+    torch.testing.assert_close(terms["shift"], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("term", ["ce_lc", "ce"])
+def test_joint_shift_term_by_hand(term: str) -> None:
+    method, data = tiny(
+        implementation="custom", joint_shift_term=term, lambda1=5.0, lambda2=0.0, gen_steps=0
+    )
+    parts = _written_out(method, data.clean)
+    expected = F.cross_entropy(method.logit_scale * parts["xc"] @ parts["t"].T, data.labels)
+    if term == "ce_lc":
+        expected = expected + 5.0 * _pairs_mean(parts["xc"], parts["x"], data.labels)
+    _, terms = croft_variants.training_loss(method, data.clean, data.labels, inner_steps=False)
+    torch.testing.assert_close(terms["shift"], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_main_step", [False, True])
+def test_gen_in_main_step_decides_whether_the_main_loss_reaches_g(in_main_step: bool) -> None:
+    method, data = tiny(
+        implementation="custom", gen_optimizer="main", gen_in_main_step=in_main_step,
+        lambda2=0.0, gen_steps=1,
+    )  # fmt: skip
+    loss, _ = croft_variants.training_loss(method, data.clean, data.labels, inner_steps=False)
+    method.generator.grad = None
+    loss.backward()
+    if not in_main_step:
+        assert method.generator.grad is None
+        return
+    parts = _written_out(method, data.clean)
+    lc = _pairs_mean(parts["xc"], parts["x"], data.labels)
+    shift = F.cross_entropy(method.logit_scale * parts["xc"] @ parts["t"].T, data.labels)
+    (expected,) = torch.autograd.grad(shift - method.lambda1 * lc, [method.generator])
+    torch.testing.assert_close(method.generator.grad, expected, rtol=1e-8, atol=1e-10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from croft_search.scores import get_score
 from croft_search.spaces import load_space
 from croft_search.train import main as train_main
 from trainables.base import HParam, Method, MethodContext, TrainData
-from trainables.evaluate import REFERENCE_KNN_KS, capped, evaluate
+from trainables.evaluate import REFERENCE_KNN_KS, capped, evaluate, reference_knn_bank
 from trainables.loop import train_epochs
 from trainables.registry import get_method, method_names, register_method, resolve_hparams
 from trainables.trial import TrialResources, few_shot_val, run_trial
@@ -458,17 +459,18 @@ def test_train_command_runs_the_reference_protocol(digits_root, tmp_path):
 # ------------------------------------------------------------------- Caltech101 overlap removal
 
 
-def write_caltech(root: Path, classes: list[str]) -> None:
+def write_caltech(root: Path, classes: list[str], lists: tuple[str, ...] = ("test",)) -> None:
+    """Two images a class (three with three lists), image i in list ``lists[i % n]``."""
     folder = root / "caltech-101"
     split: dict[str, list] = {"train": [], "val": [], "test": []}
     for label, classname in enumerate(classes):
-        for index in range(2):
+        for index in range(max(2, len(lists))):
             relpath = f"{classname}/image_{index}.jpg"
             path = folder / "101_ObjectCategories" / relpath
             path.parent.mkdir(parents=True, exist_ok=True)
             pixels = np.full((8, 8, 3), 20 * label + 100 * index, dtype=np.uint8)
             Image.fromarray(pixels).save(path)
-            split["test"].append([relpath, label, classname])
+            split[lists[index % len(lists)]].append([relpath, label, classname])
     (folder / "split_zhou_Caltech101.json").write_text(json.dumps(split))
 
 
@@ -610,3 +612,49 @@ def test_unknown_recipe_is_one_line(resources, tmp_path, capsys):
         train_main(["--method", "croft", "--recipe", "authors", "--cache-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert "argument --recipe: invalid choice: 'authors'" in err and len(err.splitlines()) == 1
+
+
+def steps_taken(images: int, batch_size: int, drop_last: bool) -> int:
+    views = torch.zeros(images, 1, 2)
+    data = TrainData(views, views[:, 0], torch.zeros(images).long(), torch.zeros(images).long())
+    context = MethodContext(
+        classnames=("a", "b"), template="{}", class_text=torch.zeros(2, 2), logit_scale=1.0,
+        embed_dim=2, train=data, device=torch.device("cpu"),
+    )  # fmt: skip
+    given = {"epochs": 1, "batch_size": batch_size, "drop_last": drop_last}
+    method = _Recorder(context, resolve_hparams("_protocol_recorder", given))
+    list(train_epochs(method, data, method.hp))
+    return len(method.seen)
+
+
+def test_drop_last_skips_the_incomplete_batch_as_dassl_does():
+    # Dassl: drop_last = is_train and len(data) >= batch_size (CoOp/dassl/data/data_manager.py).
+    assert steps_taken(105, 32, drop_last=True) == 3  # 9 images unseen in the epoch
+    assert steps_taken(105, 32, drop_last=False) == 4
+    assert steps_taken(96, 32, drop_last=True) == 3
+    assert steps_taken(20, 32, drop_last=True) == 1  # smaller than a batch: kept
+    assert resolve_hparams("croft", {}, "reference")["drop_last"] is True
+    assert resolve_hparams("croft", {})["drop_last"] is False
+
+
+def test_the_reference_pools_ood_images_from_every_split_list(tmp_path):
+    write_caltech(tmp_path, ["pizza", "trilobite"], lists=("train", "val", "test"))
+    cache = FeatureCache(load_backbone("tiny-digits", pretrained=None), tmp_path,
+                         cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    pooled, set_ids, classes = cache.open_set_rows(["Caltech101"], ("train", "val", "test"))
+    test_only, _, _ = cache.open_set_rows(["Caltech101"], ("test",))
+    assert len(pooled) == 6 and len(test_only) == 2
+    assert set_ids.tolist() == [0] * 6 and sorted(classes.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_the_reference_knn_bank_is_500_per_class_of_the_whole_train_split():
+    split = hand_split()
+    train = torch.randn(610, 2, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0] * 600 + [1] * 10)
+    split = replace(split, train_clean=train, train_views=train[:, None], train_labels=labels,
+                    train_domains=torch.zeros(610, dtype=torch.long))  # fmt: skip
+    bank = reference_knn_bank(split, seed=0)
+    assert Counter(bank.labels.tolist()) == {0: 500, 1: 10}
+    rows = {tuple(row) for row in train.tolist()}
+    assert all(tuple(row) in rows for row in bank.clean.tolist())
+    assert len({tuple(row) for row in bank.clean.tolist()}) == 510

@@ -89,6 +89,7 @@ DASSL_RECIPE: dict[str, Any] = {
     "warmup_lr": 1e-5,
     "momentum": 0.9,
     "weight_decay": 0.1,
+    "drop_last": True,
 }
 
 
@@ -103,6 +104,11 @@ LOOP_HPARAMS: dict[str, HParam] = {
     "warmup_epochs": HParam(1, low=0, high=1000, help="constant warm-up epochs (Dassl)"),
     "warmup_lr": HParam(1e-5, low=0.0, high=10.0),
     "shots": HParam(16, low=0, high=100_000, help="images per class and domain; 0 = all"),
+    "drop_last": HParam(
+        False,
+        help="skip an epoch's last incomplete batch when the training set holds a full one "
+        "(Dassl's training loader)",
+    ),
     "view_order": HParam(
         "random",
         choices=("random", "epoch"),

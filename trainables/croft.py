@@ -123,6 +123,20 @@ class CRoFT(Method):
         "shots": HParam(16, low=0, high=100_000),
         "ratio_image": HParam(0.2, low=0.0, high=1.0, help="image adapter residual ratio ri"),
         "ratio_text": HParam(0.5, low=0.0, high=1.0, help="text adapter residual ratio rt"),
+        "test_ratio_image": HParam(
+            -1.0,
+            low=-1.0,
+            high=1.0,
+            help="ri in every evaluation (validation too); -1 = as trained; the reference's "
+            "open-set test scripts reload the model with 0.5",
+        ),
+        "test_ratio_text": HParam(
+            -1.0,
+            low=-1.0,
+            high=1.0,
+            help="rt in every evaluation (validation too); -1 = as trained; the reference's "
+            "open-set test scripts reload the model with 0.0",
+        ),
         "n_ctx": HParam(0, low=0, high=16, help="learnable context length; 0 = fixed template"),
         "ctx_init": HParam("", help="words initialising the context (n_ctx tokens), or ''"),
         "lambda1": HParam(5.0, low=0.0, high=100.0, help="weight of Lc; 0 = no generator"),
@@ -222,10 +236,17 @@ class CRoFT(Method):
         return AdapterPass(features, raw_text, image, text)
 
     def _image_unit(self, features: torch.Tensor) -> Unit:
-        return unit(adapt(features, self.image_adapter, self.ratio_image, self.identity))
+        ratio = self._ratio(self.ratio_image, "test_ratio_image")
+        return unit(adapt(features, self.image_adapter, ratio, self.identity))
 
     def _text_unit(self, raw_text: torch.Tensor) -> Unit:
-        return unit(adapt(raw_text, self.text_adapter, self.ratio_text, self.identity))
+        ratio = self._ratio(self.ratio_text, "test_ratio_text")
+        return unit(adapt(raw_text, self.text_adapter, ratio, self.identity))
+
+    def _ratio(self, trained: float, test_key: str) -> float:
+        if self.training or self.hp[test_key] < 0:
+            return trained
+        return self.hp[test_key]
 
     def logits(self, features: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
         return self.logit_scale * self.image_features(features) @ self.text_features().T

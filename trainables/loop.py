@@ -87,7 +87,8 @@ def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterato
         totals: dict[str, float] = {}
         steps = 0
         order = torch.randperm(n, generator=generator)
-        for start in range(0, n, hp["batch_size"]):
+        end = n - n % hp["batch_size"] if hp["drop_last"] and n >= hp["batch_size"] else n
+        for start in range(0, end, hp["batch_size"]):
             index = order[start : start + hp["batch_size"]]
             if hp["view_order"] == "epoch":
                 view = torch.full((index.shape[0],), epoch % n_views, dtype=torch.long)
