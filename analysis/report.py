@@ -82,6 +82,8 @@ def front_markdown(analysis: Analysis) -> str:
         parts.append(
             _front_section_markdown(summary, f"## Front of {analysis.group_column} {summary.group}")
         )
+    if not analysis.ablation.empty:
+        parts += ["## Ablation (mean ± sample std over seeds)\n", to_markdown(analysis.ablation)]
     return "\n".join(parts)
 
 

@@ -367,6 +367,8 @@ def test_cli_writes_the_four_files(search_folder: Path, capsys: pytest.CaptureFi
     assert len(failed) == 1 and failed["rank"].isna().all() and not failed["on_front"].any()
 
     markdown = (out / "front.md").read_text()
+    assert "## Ablation (mean ± sample std over seeds)" in markdown
+    assert "test_acc Δ vs full" in markdown and "test_acc beyond spread" in markdown
     combined = markdown.split("## Combined front")[1].split("## Front of")[0]
     for trial_id in ok.loc[ok["on_front"], "trial_id"]:
         assert f"| {trial_id} |" in combined
