@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.objectives import Objective
+from croft_search.metrics import DEFAULT_OBJECTIVE_WEIGHT
 
 __all__ = [
     "VAL_SELECTED",
@@ -27,7 +28,6 @@ __all__ = [
 VAL_SELECTED = "validation-selected"
 ORACLE = "ORACLE: best on test (not a result)"
 ORACLE_GAP = "oracle gap (oracle − validation-selected)"
-DEFAULT_WEIGHT = 0.5  # croft_search.metrics.joint_objective's default
 REPORTED_TEST_METRICS = ("test_acc", "test_auroc", "test_fpr95")
 
 
@@ -39,7 +39,7 @@ def objective_weight(frame: pd.DataFrame) -> float:
         values = pd.to_numeric(frame[column], errors="coerce").dropna().unique()
         if len(values) == 1:
             return float(values[0])
-    return DEFAULT_WEIGHT
+    return DEFAULT_OBJECTIVE_WEIGHT
 
 
 def selection_table(

@@ -193,9 +193,13 @@ class FeatureCache:
             for i, v in chunk:
                 image = load_image(samples[i].path)
                 if views:
-                    # Seeded per (image, view) so the views do not depend on batch order.
-                    torch.manual_seed(_view_seed(seed, samples[i].path, v))
-                batch.append(transform(image))
+                    # Seeded per (image, view) so the views do not depend on batch order;
+                    # in a forked generator, so the caller's random stream is left alone.
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(_view_seed(seed, samples[i].path, v))
+                        batch.append(transform(image))
+                else:
+                    batch.append(transform(image))
             encoded = backbone.encode_images(torch.stack(batch).to(backbone.device)).float().cpu()
             for (i, v), feature in zip(chunk, encoded, strict=True):
                 out[i, v] = feature

@@ -278,7 +278,11 @@ def ood_metrics(id_scores: Any, ood_scores: Any, convention: str = "ours") -> di
 # ----------------------------------------------------------------------------- search objective
 
 
-def joint_objective(acc: float, auroc: float, weight: float = 0.5) -> float:
+# The accuracy weight of the joint objective unless a search or trial says otherwise.
+DEFAULT_OBJECTIVE_WEIGHT = 0.5
+
+
+def joint_objective(acc: float, auroc: float, weight: float = DEFAULT_OBJECTIVE_WEIGHT) -> float:
     """Scalar objective for single-objective search: `weight * acc + (1 - weight) * auroc`.
 
     Why this form: OOD-generalisation accuracy and OOD-detection AUROC are both fractions in

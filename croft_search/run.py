@@ -11,10 +11,8 @@ from pathlib import Path
 
 from croft_search.errors import OneLineArgumentParser, exit_on_user_error
 from croft_search.search import SearchOptions, run_search
-from croft_search.spaces import load_space, space_names
+from croft_search.spaces import DEFAULT_SPACE, load_space, space_names
 from croft_search.train import parse_assignments
-
-DEFAULT_SPACE = "croft_digits"
 
 
 def build_parser() -> OneLineArgumentParser:

@@ -38,6 +38,7 @@ __all__ = [
     "register_score",
     "get_score",
     "score_names",
+    "score_parameters",
 ]
 
 
@@ -154,6 +155,15 @@ def register_score(cls: S) -> S:
 def score_names() -> list[str]:
     """Registered score names, sorted."""
     return sorted(_REGISTRY)
+
+
+def score_parameters(name: str) -> list[str]:
+    """The keyword parameters score ``name`` takes (``logit_scale`` for scores of CLIP's
+    cosines, which the caller supplies from the model)."""
+    key = str(name).strip().lower()
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown OOD score '{name}'; valid names: {', '.join(score_names())}")
+    return _param_names(_REGISTRY[key])
 
 
 def _param_names(cls: type[OODScore]) -> list[str]:

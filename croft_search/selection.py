@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from croft_search.errors import ConfigError
-from croft_search.metrics import joint_objective
+from croft_search.metrics import DEFAULT_OBJECTIVE_WEIGHT, joint_objective
 
 SELECTION_MODES = ("val", "oracle")
 
@@ -35,7 +35,9 @@ def check_selection(mode: str) -> str:
     return mode
 
 
-def objective(metrics: Mapping[str, float], mode: str = "val", weight: float = 0.5) -> float:
+def objective(
+    metrics: Mapping[str, float], mode: str = "val", weight: float = DEFAULT_OBJECTIVE_WEIGHT
+) -> float:
     """The scalar a search maximises, from validation metrics unless ``mode`` is oracle."""
     prefix = "test" if check_selection(mode) == "oracle" else "val"
     return joint_objective(metrics[f"{prefix}_acc"], metrics[f"{prefix}_auroc"], weight)

@@ -428,7 +428,7 @@ class SearchSpace:
         applied = []
         for key, value in (fixed_overrides or {}).items():
             if isinstance(value, str):
-                value = _read_cli_value(value)
+                value = read_cli_value(value)
             _apply_override(raw, key, value)
             applied.append(f"{key}={value}")
         if num_samples is not None:
@@ -542,7 +542,7 @@ class SearchSpace:
         config: dict[str, Any] = {
             "method": method,
             "dataset": self.dataset,
-            "target_domain": _target_domain_setting(self.target_domains),
+            "target_domain": _target_domains_raw(self.target_domains),
             "backbone": self.backbone,
             "pretrained": self.pretrained,
         }
@@ -758,7 +758,7 @@ class _Parser:
         description = self.text(raw, "description", default="")
         methods = self.methods(raw.get("method"))
         dataset, target_domains = self.dataset(raw)
-        backbone = self.backbone(raw.get("backbone", "tiny-digits"))
+        backbone = self.backbone(raw.get("backbone", TRIAL_SETTINGS["backbone"]))
         pretrained = self.pretrained(backbone, raw.get("pretrained", "default"))
         sampler = self.sampler(raw.get("sampler", "tpe"))
 
@@ -1346,14 +1346,11 @@ def _most_epochs(method: str, fixed: Mapping[str, Any], search: Mapping[str, Par
 
 
 def _target_domains_raw(domains: str | tuple[str, ...]) -> str | list[str]:
+    """The YAML form of target domains, which is also run_trial's ``target_domain``: "all",
+    one name, or a list."""
     if domains == "all":
         return "all"
     return domains[0] if len(domains) == 1 else list(domains)
-
-
-def _target_domain_setting(domains: str | tuple[str, ...]) -> str | list[str]:
-    """run_trial's ``target_domain``: "all", one name, or a list."""
-    return _target_domains_raw(domains)
 
 
 def _apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -1377,9 +1374,9 @@ def _apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
             block.get("search", {}).pop(key, None)
 
 
-def _read_cli_value(text: str) -> Any:
-    """``--set`` values as YAML scalars ("0.01" -> 0.01, "[0, 1]" -> list); text that does
-    not parse stays text."""
+def read_cli_value(text: str) -> Any:
+    """A ``--set`` value (every command's) as the space files read YAML: "0.01" and "1e-3"
+    are floats, "[0, 1]" a list, "true" a bool; text that does not parse stays text."""
     try:
         return yaml.load(text, Loader=_SpaceLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError:

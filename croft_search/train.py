@@ -9,9 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
+from croft_search.spaces import read_cli_value
 from trainables.registry import hparam_specs, method_names
 from trainables.trial import PROTOCOL_CHOICES, TRIAL_SETTINGS, run_trial
 
@@ -30,16 +29,14 @@ SHOWN = (
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values are read as YAML scalars (1e-3, true, 16, "text")."""
+    """``key=value`` pairs; values are read as the space files read YAML (1e-3, true, 16,
+    "text"; `croft_search.spaces.read_cli_value`)."""
     values: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        try:
-            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            values[key.strip()] = raw
+        values[key.strip()] = read_cli_value(raw) if raw.strip() else ""
     return values
 
 
@@ -59,7 +56,9 @@ def build_parser() -> OneLineArgumentParser:
     )
     parser.add_argument("--score", default=None, help="OOD score (default: the method's)")
     parser.add_argument("--selection", default="val", choices=("val", "oracle"))
-    parser.add_argument("--objective-weight", type=float, default=0.5)
+    parser.add_argument(
+        "--objective-weight", type=float, default=TRIAL_SETTINGS["objective_weight"]
+    )
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--device", default="cpu")

@@ -259,3 +259,16 @@ def test_the_crop_scale_names_its_own_views(backbone, digits_root, tmp_path):
     assert again.encoded_images == 0  # read back from its own cache unit
     crop = backbone.train_transform(hflip=False, crop_scale=0.08).transforms[1]
     assert crop.scale == (0.08, 1.0)
+
+
+def test_encoding_views_leaves_the_global_random_stream_alone(backbone, digits_root, tmp_path):
+    split = load_domain_split("digits", digits_root, "photo")
+    cache = FeatureCache(backbone, digits_root, tmp_path, progress=False)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    views = cache.features_of("digits", list(split.train[:4]), augmented_view_kind(2, 5))
+    assert torch.equal(torch.rand(3), expected)
+    again = FeatureCache(backbone, digits_root, tmp_path / "other", progress=False)
+    assert torch.equal(again.features_of("digits", list(split.train[:4]),
+                                         augmented_view_kind(2, 5)), views)  # fmt: skip

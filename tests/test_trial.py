@@ -253,3 +253,39 @@ def _replace(split, **changes):
     from dataclasses import replace
 
     return replace(split, **changes)
+
+
+def test_scores_get_logit_scale_and_features_by_what_they_declare(resources):
+    # build_score supplies the model's logit_scale to a score whose parameters name it, and
+    # evaluation hands test features to a score that reads them (needs_features), fitted
+    # or not.
+    from croft_search.scores import OODScore, score_parameters
+    from trainables.evaluate import build_score, evaluate
+    from trainables.trial import build_method, few_shot_train
+
+    class FeatureNorm(OODScore):
+        name = "_test_feature_norm"
+        needs_features = True
+
+        def score(self, logits, features=None):
+            return -features.norm(dim=1)
+
+    split = resources.splits["sketch"]
+    data = few_shot_train(split, 4, seed=0)
+    hp = resolve_hparams("_test_residual_head", {})
+    method = build_method("_test_residual_head", hp, resources, split, data, torch.device("cpu"))
+    assert "logit_scale" in score_parameters("mcm") and "logit_scale" not in score_parameters("msp")
+    assert build_score(method, "mcm", data).logit_scale == method.logit_scale
+    metrics = evaluate(method, split, FeatureNorm(), include_test=False)
+    assert 0.0 <= metrics["val_auroc"] <= 1.0
+
+
+def test_set_values_read_alike_in_every_command():
+    from croft_search.spaces import read_cli_value
+    from croft_search.train import parse_assignments
+
+    values = parse_assignments(["lr=1e-3", "flag=true", "grid=[0, 1]", "name=text", "empty="])
+    assert values == {"lr": 0.001, "flag": True, "grid": [0, 1], "name": "text", "empty": ""}
+    assert isinstance(values["lr"], float)  # plain YAML 1.1 would keep "1e-3" a string
+    assert all(read_cli_value(raw) == values[key] for key, raw in
+               (("lr", "1e-3"), ("flag", "true"), ("name", "text")))  # fmt: skip

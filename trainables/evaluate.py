@@ -9,7 +9,7 @@ import torch
 
 from croft_search.features import SplitFeatures
 from croft_search.metrics import accuracy, ood_metrics
-from croft_search.scores import OODScore, get_score
+from croft_search.scores import OODScore, get_score, score_parameters
 from trainables.base import Method, TrainData
 
 EVAL_BATCH = 1024
@@ -64,8 +64,8 @@ def build_score(method: Method, name: str | None, train: TrainData, **params: An
     """The OOD score ``name`` (the method's default when None), fitted where it needs the
     training embeddings (KNN, Mahalanobis)."""
     name = name or method.default_score
-    if name == "mcm":
-        params["logit_scale"] = method.logit_scale
+    if "logit_scale" in score_parameters(name):
+        params.setdefault("logit_scale", method.logit_scale)
     score = get_score(name, **params)
     if score.needs_fit:
         _, embeddings = predict(method, train.clean, train.domains)
@@ -74,7 +74,7 @@ def build_score(method: Method, name: str | None, train: TrainData, **params: An
 
 
 def _apply(score: OODScore, logits: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    return score.score(logits, embeddings if score.needs_fit else None)
+    return score.score(logits, embeddings if score.needs_features else None)
 
 
 def capped(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 
 from croft_search.backbones import DEFAULT_CROP_SCALE, Backbone, check_crop_scale, load_backbone
-from croft_search.config import data_root
+from croft_search.config import EMBEDDED_BACKBONE, EMBEDDED_DATASET, data_root
 from croft_search.data import SHOTS_PER, get_dataset_spec, sample_shots
 from croft_search.errors import ConfigError
 from croft_search.features import FeatureCache, SplitFeatures
+from croft_search.metrics import DEFAULT_OBJECTIVE_WEIGHT
 from croft_search.scores import score_names
 from croft_search.selection import check_selection, objective
 from croft_search.zeroshot import class_prompts
@@ -35,16 +36,16 @@ from trainables.text import FrozenTextEncoder
 # Trial settings that are not hyper-parameters of the method, with their defaults.
 TRIAL_SETTINGS: dict[str, Any] = {
     "method": None,
-    "dataset": "digits",
+    "dataset": EMBEDDED_DATASET,
     "target_domain": "all",
-    "backbone": "tiny-digits",
+    "backbone": EMBEDDED_BACKBONE,
     "pretrained": "default",
     "views": 8,
     "view_seed": 0,
     "crop_scale": DEFAULT_CROP_SCALE,
     "score": None,
     "selection": "val",
-    "objective_weight": 0.5,
+    "objective_weight": DEFAULT_OBJECTIVE_WEIGHT,
     "device": "cpu",
     "data_root": None,
     "cache_dir": None,
@@ -83,7 +84,7 @@ class TrialResources:
         cls,
         dataset: str,
         targets: Sequence[str],
-        backbone: str = "tiny-digits",
+        backbone: str = EMBEDDED_BACKBONE,
         pretrained: str | None = "default",
         views: int = 8,
         view_seed: int = 0,
