@@ -97,7 +97,8 @@ from croft_search.scores import score_names
 from croft_search.selection import SELECTION_MODES
 from trainables.base import LOOP_HPARAMS, HParam
 from trainables.registry import hparam_specs, method_names, resolve_hparams
-from trainables.trial import PROTOCOL_CHOICES, TRIAL_SETTINGS, open_set_names
+from trainables.settings import PROTOCOL_CHOICES, TRIAL_SETTINGS
+from trainables.trial import open_set_names
 
 SPACES_PACKAGE = "search_spaces"
 # What `python -m croft_search.run` searches without --space: the embedded default.
@@ -234,7 +235,7 @@ class Param:
 
 
 @dataclass(frozen=True)
-class Objective:
+class SearchObjective:
     """``joint``: maximise ``weight * val_acc + (1 - weight) * val_auroc`` (run_trial's
     ``objective``); ``pareto``: the front of ``directions`` (metric -> "max" | "min")."""
 
@@ -313,7 +314,7 @@ class SearchSpace:
     fixed: dict[str, dict[str, Any]]
     search: dict[str, dict[str, Param]]
     variants: dict[str, dict[str, Any]]
-    objective: Objective
+    objective: SearchObjective
     sampler: str
     scheduler: dict[str, int | float] | None
     num_samples: int
@@ -1199,7 +1200,7 @@ class _Parser:
     # -- objective, scheduler, budget ----------------------------------------------------
     def objective(
         self, value: Any, fixed: Mapping[str, Mapping[str, Any]], methods: Sequence[str]
-    ) -> Objective:
+    ) -> SearchObjective:
         if value == "joint":
             value = {"joint": 0.5}
         if (
@@ -1223,7 +1224,7 @@ class _Parser:
                     f"the weight on val_acc (1 - weight on val_auroc) must be in [0, 1], "
                     f"got {body!r}",
                 )
-            return Objective("joint", weight=float(body))
+            return SearchObjective("joint", weight=float(body))
         oracle = any(fixed[m].get("selection") == "oracle" for m in methods)
         known = {**VALIDATION_METRICS, **(TEST_METRICS if oracle else {})}
         if isinstance(body, list):
@@ -1250,7 +1251,7 @@ class _Parser:
                     f"{metric} is to {'maximise' if known[metric] == 'max' else 'minimise'}: "
                     f"direction {known[metric]}, not {direction!r}",
                 )
-        return Objective("pareto", directions=dict(body))
+        return SearchObjective("pareto", directions=dict(body))
 
     def scheduler(
         self,

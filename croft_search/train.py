@@ -12,7 +12,8 @@ from typing import Any
 from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
 from croft_search.spaces import read_cli_value
 from trainables.registry import hparam_specs, method_names
-from trainables.trial import PROTOCOL_CHOICES, TRIAL_SETTINGS, run_trial
+from trainables.settings import PROTOCOL_CHOICES, TRIAL_SETTINGS
+from trainables.trial import run_trial
 
 SHOWN = (
     "val_acc",

@@ -289,3 +289,14 @@ def test_set_values_read_alike_in_every_command():
     assert isinstance(values["lr"], float)  # plain YAML 1.1 would keep "1e-3" a string
     assert all(read_cli_value(raw) == values[key] for key, raw in
                (("lr", "1e-3"), ("flag", "true"), ("name", "text")))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["views", "score", "device", "eval_protocol", "variant", "seeds"])
+def test_a_method_cannot_take_a_trial_setting_name(name):
+    # Such a hyper-parameter would be routed to the trial settings (or the space) silently.
+    class Clashing(ResidualHead):
+        hparams = {**ResidualHead.hparams, name: HParam(1, low=0, high=10)}
+
+    Clashing.name = f"_test_clash_{name}"
+    with pytest.raises(ConfigError, match=f"declares hyper-parameter.s. {name}, names of trial"):
+        register_method(Clashing)

@@ -113,14 +113,6 @@ class CRoFT(Method):
         "lambda1": 15.0, "lambda2": 5.0, "gen_steps": 1,
     }  # fmt: skip
     hparams = {
-        # The reference's training recipe (CoOp/Dassl): SGD, cosine, 1 warm-up epoch.
-        "lr": HParam(0.002, low=0.0, high=10.0, help="peak learning rate"),
-        "optimizer": HParam("sgd", choices=("sgd", "adamw")),
-        "batch_size": HParam(32, low=1, high=65_536),
-        "epochs": HParam(30, low=0, high=10_000),
-        "warmup_epochs": HParam(1, low=0, high=1000),
-        "warmup_lr": HParam(1e-5, low=0.0, high=10.0),
-        "shots": HParam(16, low=0, high=100_000),
         "ratio_image": HParam(0.2, low=0.0, high=1.0, help="image adapter residual ratio ri"),
         "ratio_text": HParam(0.5, low=0.0, high=1.0, help="text adapter residual ratio rt"),
         "test_ratio_image": HParam(

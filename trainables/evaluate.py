@@ -13,10 +13,6 @@ from croft_search.scores import OODScore, get_score, score_parameters
 from trainables.base import Method, TrainData
 
 EVAL_BATCH = 1024
-# ours: every ID test image against the test split of the open set, our metric conventions;
-# reference: the CRoFT reference's sampling and conventions (docs/croft_reference.md);
-# openood: our sampling, OpenOOD v1.5's conventions.
-EVAL_PROTOCOLS = ("ours", "reference", "openood")
 # The reference's caps (CoOp/datasets/PACS_Caltech101.py and the other *_<open set>.py) and
 # the k it sweeps for KNN (scripts/CRoFT/test_setup2_knn.py).
 REFERENCE_ID_PER_CLASS = 500
@@ -160,7 +156,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Validation metrics (source val split vs validation open set) and, with
     ``include_test``, test metrics (target domain vs test open set) under ``protocol``
-    (`EVAL_PROTOCOLS`; validation always follows ours, so selection never changes)."""
+    (`trainables.settings.EVAL_PROTOCOLS`; validation always follows ours, so selection
+    never changes)."""
     metrics: dict[str, float] = {}
     logits, embeddings = predict(method, split.val, split.val_domains)
     metrics["val_acc"] = accuracy(logits, split.val_labels)

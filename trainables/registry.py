@@ -9,10 +9,11 @@ from typing import Any
 
 from croft_search.errors import ConfigError
 from trainables.base import LOOP_HPARAMS, RECIPES, HParam, Method
+from trainables.settings import RESERVED_KEYS
 
 _METHODS: dict[str, type[Method]] = {}
 # Modules of this package that hold infrastructure, not methods.
-_INFRASTRUCTURE = {"base", "registry", "loop", "text", "trial", "evaluate"}
+_INFRASTRUCTURE = {"base", "registry", "loop", "text", "trial", "evaluate", "settings"}
 _discovered = False
 
 
@@ -21,9 +22,12 @@ def register_method(cls: type[Method]) -> type[Method]:
     name = cls.name
     if name in _METHODS and _METHODS[name] is not cls:
         raise ConfigError(f"method name {name!r} is registered twice")
-    clash = set(cls.hparams) & {"method", "dataset", "target_domain", "backbone"}
+    clash = sorted(set(cls.hparams) & set(RESERVED_KEYS))
     if clash:
-        raise ConfigError(f"method {name} declares reserved hyper-parameter(s) {sorted(clash)}")
+        raise ConfigError(
+            f"method {name} declares hyper-parameter(s) {', '.join(clash)}, names of trial "
+            "settings or space keys (trainables.settings.RESERVED_KEYS); rename them"
+        )
     _METHODS[name] = cls
     return cls
 

@@ -13,17 +13,15 @@ from typing import Any
 import torch
 
 from croft_search.backbones import DEFAULT_CROP_SCALE, Backbone, check_crop_scale, load_backbone
-from croft_search.config import EMBEDDED_BACKBONE, EMBEDDED_DATASET, data_root
-from croft_search.data import SHOTS_PER, get_dataset_spec, sample_shots
+from croft_search.config import EMBEDDED_BACKBONE, data_root
+from croft_search.data import get_dataset_spec, sample_shots
 from croft_search.errors import ConfigError
 from croft_search.features import FeatureCache, SplitFeatures
-from croft_search.metrics import DEFAULT_OBJECTIVE_WEIGHT
 from croft_search.scores import score_names
 from croft_search.selection import check_selection, objective
 from croft_search.zeroshot import class_prompts
-from trainables.base import RECIPES, REFERENCE_SCORE, Method, MethodContext, TrainData
+from trainables.base import REFERENCE_SCORE, Method, MethodContext, TrainData
 from trainables.evaluate import (
-    EVAL_PROTOCOLS,
     build_score,
     capped,
     evaluate,
@@ -31,39 +29,9 @@ from trainables.evaluate import (
 )
 from trainables.loop import train_epochs
 from trainables.registry import get_method, resolve_hparams
+from trainables.settings import PROTOCOL_CHOICES, TRIAL_SETTINGS
 from trainables.text import FrozenTextEncoder
 
-# Trial settings that are not hyper-parameters of the method, with their defaults.
-TRIAL_SETTINGS: dict[str, Any] = {
-    "method": None,
-    "dataset": EMBEDDED_DATASET,
-    "target_domain": "all",
-    "backbone": EMBEDDED_BACKBONE,
-    "pretrained": "default",
-    "views": 8,
-    "view_seed": 0,
-    "crop_scale": DEFAULT_CROP_SCALE,
-    "score": None,
-    "selection": "val",
-    "objective_weight": DEFAULT_OBJECTIVE_WEIGHT,
-    "device": "cpu",
-    "data_root": None,
-    "cache_dir": None,
-    # The protocol, as the CRoFT reference runs it or as we do (docs/croft_reference.md).
-    "shots_per": "class_and_domain",
-    "val_shots": 0,
-    "checkpoint": "last",
-    "eval_protocol": "ours",
-    "test_open_sets": None,
-    "recipe": "ours",
-}
-# The values each protocol setting takes.
-PROTOCOL_CHOICES: dict[str, tuple[str, ...]] = {
-    "shots_per": SHOTS_PER,
-    "checkpoint": ("last", "best_val"),
-    "eval_protocol": EVAL_PROTOCOLS,
-    "recipe": RECIPES,
-}
 # Called after every epoch with the validation metrics so far; True stops the trial.
 ReportCallback = Callable[[dict[str, float]], bool | None]
 
