@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from croft_search.backbones import load_backbone
 from croft_search.config import EMBEDDED_BACKBONE, EMBEDDED_DATASET, data_root
@@ -17,18 +16,8 @@ from croft_search.data import get_dataset_spec, load_domain_split
 from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
 from croft_search.features import FeatureCache
 from croft_search.metrics import accuracy, ood_metrics
+from croft_search.prompts import class_prompts, zero_shot_logits
 from croft_search.scores import get_score
-
-
-def class_prompts(template: str, classnames: Sequence[str]) -> list[str]:
-    if "{}" not in template:
-        raise ConfigError(f"prompt template {template!r} needs a '{{}}' where the class name goes")
-    return [template.format(name) for name in classnames]
-
-
-def zero_shot_logits(image: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """CLIP logits `s * n(f) @ n(g).T` from raw image and text features."""
-    return logit_scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
 
 
 def zero_shot_report(

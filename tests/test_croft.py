@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from croft_search.backbones import Backbone, load_backbone
 from croft_search.data import get_dataset_spec, load_domain_split, load_image, sample_few_shot
 from croft_search.errors import ConfigError
-from croft_search.zeroshot import class_prompts, zero_shot_logits
+from croft_search.prompts import class_prompts, zero_shot_logits
 from trainables.base import MethodContext, TrainData
 from trainables.croft import CRoFT, edr_penalty, energy, energy_gradient_norm
 from trainables.croft_objective import (

@@ -18,7 +18,7 @@ from croft_search import backbones, pretrain
 from croft_search.backbones import Backbone, load_backbone
 from croft_search.data import load_domain_split, load_image
 from croft_search.data.digits_layout import DIGIT_NAMES, DOMAINS, FOLDER
-from croft_search.zeroshot import class_prompts, zero_shot_logits
+from croft_search.prompts import class_prompts, zero_shot_logits
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 MAX_CHECKPOINT_BYTES = 20_000_000

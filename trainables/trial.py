@@ -17,9 +17,9 @@ from croft_search.config import EMBEDDED_BACKBONE, data_root
 from croft_search.data import get_dataset_spec, sample_shots
 from croft_search.errors import ConfigError
 from croft_search.features import FeatureCache, SplitFeatures
+from croft_search.prompts import class_prompts
 from croft_search.scores import score_names
 from croft_search.selection import check_selection, objective
-from croft_search.zeroshot import class_prompts
 from trainables.base import REFERENCE_SCORE, Method, MethodContext, TrainData
 from trainables.evaluate import (
     build_score,

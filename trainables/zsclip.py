@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from croft_search.zeroshot import class_prompts
+from croft_search.prompts import class_prompts
 from trainables.base import HParam, Method, MethodContext
 from trainables.registry import register_method
 
