@@ -25,7 +25,6 @@ if __package__ in (None, ""):
 
 import argparse  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -39,6 +38,7 @@ from analysis.load import (  # noqa: E402
     ok_trials,
     status_counts,
 )  # noqa: E402
+from analysis.model import Analysis, FrontSummary  # noqa: E402
 from analysis.objectives import (  # noqa: E402
     Objective,
     default_reference_point,
@@ -65,41 +65,6 @@ __all__ = [
 DEFAULT_METRICS = "test_acc,test_auroc"
 COMBINED = "(all trials)"  # the group name of the combined front
 FRONT_CONFIG_COLUMNS = 8  # at most this many varying config values shown next to a front
-
-
-@dataclass
-class FrontSummary:
-    """One front: its rows (best in the first objective first), hypervolume and knee."""
-
-    group: str
-    front: pd.DataFrame
-    hypervolume: float
-    knee_trial: str | None
-    n_ranked: int
-
-
-@dataclass
-class Analysis:
-    """Everything `write_outputs` renders; `trials` holds every input row plus the columns
-    rank / on_front (combined) and group_rank / on_group_front (within the row's group),
-    missing (<NA>) for rows that were not ranked (failed, or a metric missing)."""
-
-    trials: pd.DataFrame
-    objectives: list[Objective]
-    group_column: str
-    reference_point: np.ndarray
-    reference_origin: str
-    combined: FrontSummary
-    groups: list[FrontSummary]
-    selection: pd.DataFrame
-    ablation: pd.DataFrame
-    importance: pd.DataFrame
-    importance_evaluator: str | None
-    counts: dict[str, int]
-    statuses: str
-    sources: list[SearchSource] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    protocols: list[str] = field(default_factory=list)
 
 
 def analyse(

@@ -8,14 +8,11 @@ import base64
 import html
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from analysis.model import Analysis, FrontSummary
 from analysis.tables import ORACLE, format_cell, objectives_note, to_html, to_markdown
-
-if TYPE_CHECKING:  # pareto.py imports this module; only type checkers need the reverse
-    from analysis.pareto import Analysis, FrontSummary
 
 __all__ = ["front_markdown", "report_html", "log_to_parent_run"]
 

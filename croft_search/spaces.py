@@ -97,8 +97,7 @@ from croft_search.scores import score_names
 from croft_search.selection import SELECTION_MODES
 from trainables.base import LOOP_HPARAMS, HParam
 from trainables.registry import hparam_specs, method_names, resolve_hparams
-from trainables.settings import PROTOCOL_CHOICES, TRIAL_SETTINGS
-from trainables.trial import open_set_names
+from trainables.settings import PROTOCOL_CHOICES, TRIAL_SETTINGS, open_set_names
 
 SPACES_PACKAGE = "search_spaces"
 # What `python -m croft_search.run` searches without --space: the embedded default.
@@ -123,7 +122,7 @@ TOP_LEVEL_KEYS = (
     "num_samples",
     "seeds",
 )
-# Trial settings (trainables.trial.TRIAL_SETTINGS) a space may fix; the others have their
+# Trial settings (trainables.settings.TRIAL_SETTINGS) a space may fix; the others have their
 # own top-level key or come from the objective. One feature cache serves the whole search,
 # so only ``score`` (post-hoc, no re-encoding) may differ per method or be searched.
 SHARED_SETTINGS = (

@@ -5,11 +5,13 @@ no method may give a hyper-parameter."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from croft_search.backbones import DEFAULT_CROP_SCALE
 from croft_search.config import EMBEDDED_BACKBONE, EMBEDDED_DATASET
-from croft_search.data import SHOTS_PER
+from croft_search.data import SHOTS_PER, get_dataset_spec
+from croft_search.errors import ConfigError
 from croft_search.metrics import DEFAULT_OBJECTIVE_WEIGHT
 from trainables.base import RECIPES
 
@@ -53,3 +55,18 @@ PROTOCOL_CHOICES: dict[str, tuple[str, ...]] = {
 # its seeds); a method hyper-parameter of any of these names would be routed away from it.
 SPACE_KEYS = ("variant", "seeds")
 RESERVED_KEYS = (*TRIAL_SETTINGS, *SPACE_KEYS)
+
+
+def open_set_names(settings: Mapping[str, Any]) -> list[str]:
+    """The ``test_open_sets`` setting as names (a list, or one comma-separated string);
+    empty for the dataset's own."""
+    value = settings.get("test_open_sets")
+    if value is None or value == "":
+        return []
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(name).strip() for name in names if str(name).strip()]
+    for name in names:
+        spec = get_dataset_spec(name)
+        if spec.kind != "open_set":
+            raise ConfigError(f"test_open_sets: {name} is not an open-set dataset")
+    return names

@@ -29,7 +29,7 @@ from trainables.evaluate import (
 )
 from trainables.loop import train_epochs
 from trainables.registry import get_method, resolve_hparams
-from trainables.settings import PROTOCOL_CHOICES, TRIAL_SETTINGS
+from trainables.settings import PROTOCOL_CHOICES, TRIAL_SETTINGS, open_set_names
 from trainables.text import FrozenTextEncoder
 
 # Called after every epoch with the validation metrics so far; True stops the trial.
@@ -128,21 +128,6 @@ def resources_for(settings: Mapping[str, Any], targets: Sequence[str]) -> TrialR
     if key not in _RESOURCES:
         _RESOURCES[key] = load_resources(settings, targets)
     return _RESOURCES[key]
-
-
-def open_set_names(settings: Mapping[str, Any]) -> list[str]:
-    """The ``test_open_sets`` setting as names (a list, or one comma-separated string);
-    empty for the dataset's own."""
-    value = settings.get("test_open_sets")
-    if value is None or value == "":
-        return []
-    names = value.split(",") if isinstance(value, str) else list(value)
-    names = [str(name).strip() for name in names if str(name).strip()]
-    for name in names:
-        spec = get_dataset_spec(name)
-        if spec.kind != "open_set":
-            raise ConfigError(f"test_open_sets: {name} is not an open-set dataset")
-    return names
 
 
 def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
