@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from croft_search.config import SEARCH_FILE, TRIALS_FILE
 from croft_search.errors import ConfigError
 
 __all__ = [
@@ -28,8 +29,6 @@ __all__ = [
     "status_counts",
 ]
 
-TRIALS_FILE = "trials.parquet"
-SEARCH_FILE = "search.json"
 TRIAL_ID_TAGS = ("tags.croft.trial_id", "tags.trial_id")  # croft_search.tracking's tag first
 
 # Columns every analysis step may rely on, with the value a missing column is filled with.

@@ -9,6 +9,14 @@ from pathlib import Path
 EMBEDDED_DATASET = "digits"
 EMBEDDED_BACKBONE = "tiny-digits"
 
+# The files of a search folder (runs/<space>/<name>/); the space and summary files are
+# also the parent MLflow run's artifacts.
+TRIALS_FILE = "trials.parquet"
+SEARCH_FILE = "search.json"
+OPTUNA_FILE = "optuna.db"
+SPACE_FILE = "space.yaml"
+SUMMARY_FILE = "summary.json"
+
 
 def cache_root() -> Path:
     """Root of every cache this tool writes (`CROFT_CACHE`, default ~/.cache/croft_search)."""

@@ -17,7 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-TRIALS_FILE = "trials.parquet"
+from croft_search.config import TRIALS_FILE
+
 RESERVED = ("trial_id", "search", "space", "method", "status", "error", "seed", "selection",
             "protocol",
             "wall_seconds", "train_seconds", "node", "mlflow_run_id", "finished_at")  # fmt: skip

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from croft_search.config import TRIALS_FILE
 from croft_search.errors import OneLineArgumentParser, exit_on_user_error
 from croft_search.search import SearchOptions, run_search
 from croft_search.spaces import DEFAULT_SPACE, load_space, space_names
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if row.get(k) is not None
         )
         print(f"  {row.get('method')} {config}\n    validation: {val}\n    test: {test}")
-    print(f"results: {outcome.folder / 'trials.parquet'}")
+    print(f"results: {outcome.folder / TRIALS_FILE}")
     print(
         f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id}); "
         "browse with `mlflow ui` in this folder"

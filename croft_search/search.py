@@ -29,14 +29,14 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
+from croft_search.config import SEARCH_FILE, SPACE_FILE, TRIALS_FILE
 from croft_search.errors import ConfigError, CroftError
-from croft_search.results import TRIALS_FILE, TrialTable
+from croft_search.results import TrialTable
 from croft_search.spaces import SearchSpace
 from croft_search.study import StudyMirror
 from croft_search.tracking import SearchTracker
 from trainables.trial import TrialResources, load_resources, run_trial
 
-SEARCH_FILE = "search.json"
 TUNE_FILE_LOGGERS_SWITCH = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
@@ -351,7 +351,7 @@ def _check_same_space(space: SearchSpace, folder: Path) -> None:
     """A resumed search must be the search it continues: Ray restores its own copy of the
     sampler and sample count, so another --num-samples, --set or an edited space file would
     half apply (the stopper and table would follow it, the restored tuner would not)."""
-    saved_file = folder / "space.yaml"
+    saved_file = folder / SPACE_FILE
     if not saved_file.exists():
         return
     saved = yaml.safe_load(saved_file.read_text())
@@ -466,7 +466,7 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
                     indent=2,
                 )
             )
-            (folder / "space.yaml").write_text(space.to_yaml())
+            (folder / SPACE_FILE).write_text(space.to_yaml())
         meta = json.loads((folder / SEARCH_FILE).read_text())
 
         threads = max(1, int(options.cpus_per_trial))

@@ -13,9 +13,9 @@ from typing import Any
 
 import optuna
 
+from croft_search.config import OPTUNA_FILE
 from croft_search.spaces import SearchSpace
 
-OPTUNA_FILE = "optuna.db"
 TRIAL_ATTR = "ray_trial_id"
 
 

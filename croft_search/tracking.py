@@ -21,6 +21,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from croft_search.config import SPACE_FILE, SUMMARY_FILE
 from croft_search.errors import ConfigError
 
 TRIAL_TAG = "croft.trial_id"
@@ -89,15 +90,13 @@ class SearchTracker:
             self.parent_run_id,
             params=[Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items()],
         )
-        self.log_text(self.parent_run_id, space_yaml, "space.yaml")
+        self.log_text(self.parent_run_id, space_yaml, SPACE_FILE)
         return self.parent_run_id
 
     def finish_parent(self, summary: Mapping[str, Any], failed: bool = False) -> None:
         if self.parent_run_id is None:
             return
-        self.log_text(
-            self.parent_run_id, json.dumps(summary, indent=2, default=str), "summary.json"
-        )
+        self.log_text(self.parent_run_id, json.dumps(summary, indent=2, default=str), SUMMARY_FILE)
         self.client.set_terminated(self.parent_run_id, "FAILED" if failed else "FINISHED")
 
     # ------------------------------------------------------------------ trials
