@@ -3,8 +3,14 @@ trial finishes, so an interrupted search loses nothing that finished and a resum
 writes a trial twice.
 
 Columns: trial_id, search, space, method, status ("ok" | "failed" | "stopped"), error, seed,
-selection, wall_seconds, train_seconds, node, mlflow_run_id, finished_at, every config value
-as ``config/<key>``, and every metric (val_*, test_*, objective, ``<domain>/<metric>``).
+selection, protocol (the trial's protocol settings in one string), wall_seconds,
+train_seconds, node, mlflow_run_id, finished_at, every config value as ``config/<key>``, and
+every metric (val_*, test_*, objective, ``<domain>/<metric>``).
+
+Types: Parquet holds one type per column, so a ``config/<key>`` whose values mix types across
+trials (a multi-method space: ``n_ctx`` 4 in one method, absent in another; a list beside a
+string) is stored as strings, None kept as null. `analysis.load.load_trials` gives the numbers
+back where every value of such a column is one; other readers see the strings.
 """
 
 from __future__ import annotations
