@@ -1342,7 +1342,10 @@ def _most_epochs(method: str, fixed: Mapping[str, Any], search: Mapping[str, Par
     if "epochs" in search:
         param = search["epochs"]
         return int(max(param.choices) if param.choices else param.high)
-    return int(fixed.get("epochs", hparam_specs(method)["epochs"].default))
+    if "epochs" in fixed:
+        return int(fixed["epochs"])
+    recipe = fixed.get("recipe", TRIAL_SETTINGS["recipe"])
+    return int(resolve_hparams(method, {}, recipe)["epochs"])  # the recipe's, if it sets them
 
 
 def _target_domains_raw(domains: str | tuple[str, ...]) -> str | list[str]:

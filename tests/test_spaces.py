@@ -650,3 +650,16 @@ def test_every_sampler_survives_the_pickling_ray_tune_does(tmp_path, sampler):
     assert len(study.trials) == 3
     # The restored sampler is usable again after a second round-trip.
     cloudpickle.loads(cloudpickle.dumps(restored))
+
+
+def test_the_reference_recipe_sets_the_epochs_asha_runs_to(tmp_path):
+    # Tip-Adapter-F trains 20 epochs by default and 50 under the reference recipe.
+    body = (
+        "method: tip_adapter_f\nfixed: {recipe: reference}\n"
+        "search:\n  lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+        "scheduler: {asha: {grace_period: 2}}\nnum_samples: 2\n"
+    )
+    space = load_space(write(tmp_path, body, "tip_reference.yaml"))
+    assert space.max_epochs() == 50 == space.scheduler["max_t"]
+    ours = load_space(write(tmp_path, body.replace("{recipe: reference}", "{}"), "tip_ours.yaml"))
+    assert ours.max_epochs() == 20
