@@ -29,7 +29,6 @@ from collections.abc import Sequence  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.fronts import hypervolume, knee_point, pareto_ranks  # noqa: E402
 from analysis.importance import EVALUATORS, importance_table  # noqa: E402
 from analysis.load import (  # noqa: E402
     SearchSource,
@@ -50,6 +49,7 @@ from analysis.plots import plot_fronts  # noqa: E402
 from analysis.report import front_markdown, log_to_parent_run, report_html  # noqa: E402
 from analysis.tables import ablation_table, selection_table  # noqa: E402
 from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error  # noqa: E402
+from croft_search.fronts import hypervolume, knee_point, pareto_ranks  # noqa: E402
 
 __all__ = [
     "Analysis",

@@ -16,8 +16,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from analysis.fronts import oriented  # noqa: E402
 from analysis.objectives import Objective  # noqa: E402
+from croft_search.fronts import oriented  # noqa: E402
 
 __all__ = ["staircase", "plot_fronts"]
 

@@ -1,5 +1,5 @@
 """Benchmark: Pareto ranks of 100,000 trials with the sort-based algorithm
-(analysis.fronts.pareto_ranks) against the textbook O(n^2) non-dominated sort, side by side
+(croft_search.fronts.pareto_ranks) against the textbook O(n^2) non-dominated sort, side by side
 on the same points. The brute force runs on a subset (its n x n matrices would need tens of
 GB at 1e5); the ranks are checked equal there and its time at the full size is extrapolated
 with its n^2 cost.
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from analysis.fronts import pareto_ranks, pareto_ranks_bruteforce
+from croft_search.fronts import pareto_ranks, pareto_ranks_bruteforce
 
 TARGET_SECONDS_2D = 2.0  # the requirement for 1e5 trials with two objectives
 

@@ -31,6 +31,7 @@ import yaml
 
 from croft_search.config import SEARCH_FILE, SPACE_FILE, TRIALS_FILE
 from croft_search.errors import ConfigError, CroftError
+from croft_search.fronts import pareto_ranks
 from croft_search.results import TrialTable
 from croft_search.spaces import SearchSpace
 from croft_search.study import StudyMirror
@@ -568,8 +569,6 @@ def _best_rows(ok, space: SearchSpace) -> list[dict[str, Any]]:  # noqa: ANN001
     if len(metrics) == 1:
         chosen = ok.sort_values(metrics[0], ascending=modes[0] == "min").head(1)
     else:
-        from analysis.fronts import pareto_ranks
-
         ranks = pareto_ranks(ok[metrics].to_numpy(), maximize=[m == "max" for m in modes])
         chosen = ok[ranks == 0]
     keep = [

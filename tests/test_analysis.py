@@ -19,12 +19,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from analysis import pareto, report
-from analysis.fronts import hypervolume, knee_point, pareto_ranks, pareto_ranks_bruteforce
 from analysis.importance import importance_table, infer_distribution
 from analysis.objectives import Objective, metric_direction, parse_objectives
 from analysis.plots import staircase
 from analysis.tables import ORACLE, ORACLE_GAP, VAL_SELECTED, ablation_table, selection_table
 from croft_search.errors import ConfigError
+from croft_search.fronts import hypervolume, knee_point, pareto_ranks, pareto_ranks_bruteforce
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
