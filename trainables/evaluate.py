@@ -3,8 +3,6 @@ score, and the validation and test metrics of the protocol in `croft_search.sele
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from croft_search.features import SplitFeatures
@@ -56,12 +54,12 @@ def _device(method: Method) -> torch.device:
     return torch.device("cpu")
 
 
-def build_score(method: Method, name: str | None, train: TrainData, **params: Any) -> OODScore:
+def build_score(method: Method, name: str | None, train: TrainData) -> OODScore:
     """The OOD score ``name`` (the method's default when None), fitted where it needs the
-    training embeddings (KNN, Mahalanobis)."""
+    training embeddings (KNN, Mahalanobis); a score of CLIP's cosines gets the model's
+    logit scale."""
     name = name or method.default_score
-    if "logit_scale" in score_parameters(name):
-        params.setdefault("logit_scale", method.logit_scale)
+    params = {"logit_scale": method.logit_scale} if "logit_scale" in score_parameters(name) else {}
     score = get_score(name, **params)
     if score.needs_fit:
         _, embeddings = predict(method, train.clean, train.domains)
