@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from croft_search.config import SEARCH_FILE, TRIALS_FILE
+from croft_search.contract import SEARCH_FILE, TRIALS_FILE
 from croft_search.errors import ConfigError
 
 __all__ = [

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from croft_search.contract import metric_direction
 from croft_search.errors import ConfigError
-from croft_search.metrics import metric_direction
 
 __all__ = [
     "Objective",

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.objectives import Objective
-from croft_search.metrics import DEFAULT_OBJECTIVE_WEIGHT
+from croft_search.contract import DEFAULT_OBJECTIVE_WEIGHT
 
 __all__ = [
     "VAL_SELECTED",

@@ -14,12 +14,12 @@ import statistics
 import time
 from pathlib import Path
 
+from croft_search.contract import RECIPES
 from croft_search.data import get_dataset_spec
 from croft_search.errors import CroftError
-from trainables.base import RECIPES
+from croft_search.trial.runner import TrialResources, run_trial
 from trainables.croft_variants import IMPLEMENTATIONS
 from trainables.registry import method_names
-from trainables.trial import TrialResources, run_trial
 
 
 def mean_std(values: list[float]) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from croft_search.search import SearchOptions, run_search
-from croft_search.spaces import load_space
+from croft_search.search.ray_engine import SearchOptions, run_search
+from croft_search.search.space import load_space
 
 SPACE = """description: throughput benchmark
 method: croft

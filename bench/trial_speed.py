@@ -30,11 +30,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from croft_search.data import get_dataset_spec, load_image, sample_few_shot
 from croft_search.features import SplitFeatures
 from croft_search.train import parse_assignments
+from croft_search.trial.evaluate import build_score, evaluate
+from croft_search.trial.loop import train
+from croft_search.trial.runner import TrialResources, build_method, few_shot_train
 from trainables.base import TrainData
-from trainables.evaluate import build_score, evaluate
-from trainables.loop import train
 from trainables.registry import resolve_hparams
-from trainables.trial import TrialResources, build_method, few_shot_train
 
 
 class EncodeEveryStep:

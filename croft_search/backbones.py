@@ -36,8 +36,9 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
 from torchvision import transforms
 
-from croft_search.config import EMBEDDED_BACKBONE, model_dir
-from croft_search.errors import BackboneError, ConfigError
+from croft_search.config import model_dir
+from croft_search.contract import DEFAULT_CROP_SCALE, EMBEDDED_BACKBONE, check_setting
+from croft_search.errors import BackboneError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED_CONFIG: Path = PACKAGE_DIR / "model_configs" / f"{EMBEDDED_BACKBONE}.json"
@@ -49,20 +50,11 @@ RANDOM_PRETRAINED = "random"
 # The tag `pretrained="default"` resolves to for real models.
 DEFAULT_REAL_TAG = "openai"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
-# The smallest area fraction of a training crop: ours keeps at least half the image; Dassl
-# (the CRoFT reference) uses torchvision's default, 0.08 (the trial setting crop_scale).
-DEFAULT_CROP_SCALE = 0.5
-REFERENCE_CROP_SCALE = 0.08
 
 
 def check_crop_scale(value: object) -> float:
     """A crop scale (the smallest area fraction of a training crop), checked."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ConfigError(
-            f"crop_scale must be a number in (0, 1] (the smallest crop's area fraction; "
-            f"the reference uses {REFERENCE_CROP_SCALE}), got {value!r}"
-        )
-    return float(value)
+    return check_setting("crop_scale", value)
 
 
 # Fixed so that random-init backbones (tests, smoke runs) have the same weights, and hence

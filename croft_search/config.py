@@ -1,21 +1,10 @@
-"""Paths and defaults shared by every command; environment variables override defaults,
-command-line flags override environment variables."""
+"""Paths shared by every command; environment variables override defaults, command-line
+flags override environment variables. (Defaults and file names: `croft_search.contract`.)"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-EMBEDDED_DATASET = "digits"
-EMBEDDED_BACKBONE = "tiny-digits"
-
-# The files of a search folder (runs/<space>/<name>/); the space and summary files are
-# also the parent MLflow run's artifacts.
-TRIALS_FILE = "trials.parquet"
-SEARCH_FILE = "search.json"
-OPTUNA_FILE = "optuna.db"
-SPACE_FILE = "space.yaml"
-SUMMARY_FILE = "summary.json"
 
 
 def cache_root() -> Path:

@@ -27,8 +27,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from croft_search.backbones import DEFAULT_CROP_SCALE, Backbone
+from croft_search.backbones import Backbone
 from croft_search.config import feature_cache_dir
+from croft_search.contract import DEFAULT_CROP_SCALE
 from croft_search.data import (
     Sample,
     dataset_fingerprint,

@@ -11,11 +11,11 @@ the tests check every one of them against scikit-learn, including heavily tied s
 from __future__ import annotations
 
 import numbers
-import re
 from typing import Any
 
 import numpy as np
 
+from croft_search.contract import DEFAULT_OBJECTIVE_WEIGHT
 from croft_search.errors import ConfigError
 
 __all__ = [
@@ -29,30 +29,7 @@ __all__ = [
     "fpr_at_recall_nearest",
     "fpr_at_percentile",
     "joint_objective",
-    "metric_direction",
 ]
-
-# Which way each metric is better, by the metric's own name (the part after the last "/",
-# so "photo/test_acc" reads as "test_acc"): the first pattern matching the name's end wins.
-# The one table for search spaces (pareto objectives) and analysis (fronts, hypervolume).
-KNOWN_DIRECTIONS: tuple[tuple[str, bool], ...] = (
-    (r"fpr\d*", False),  # false-positive rate (fpr95): lower is better
-    (r"seconds", False),  # time: lower is better
-    (r"acc|accuracy", True),
-    (r"auroc", True),
-    (r"aupr(_in|_out)?", True),
-    (r"objective", True),
-)
-
-
-def metric_direction(name: str) -> bool | None:
-    """True when larger is better, False when smaller is, None when the name is unknown."""
-    base = name.rsplit("/", 1)[-1].lower()
-    for pattern, maximize in KNOWN_DIRECTIONS:
-        if re.search(rf"(^|_)({pattern})$", base):
-            return maximize
-    return None
-
 
 # ----------------------------------------------------------------------------- input checks
 
@@ -276,10 +253,6 @@ def ood_metrics(id_scores: Any, ood_scores: Any, convention: str = "ours") -> di
 
 
 # ----------------------------------------------------------------------------- search objective
-
-
-# The accuracy weight of the joint objective unless a search or trial says otherwise.
-DEFAULT_OBJECTIVE_WEIGHT = 0.5
 
 
 def joint_objective(acc: float, auroc: float, weight: float = DEFAULT_OBJECTIVE_WEIGHT) -> float:

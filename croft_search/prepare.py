@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from croft_search.backbones import DEFAULT_CROP_SCALE, check_crop_scale, load_backbone
-from croft_search.config import EMBEDDED_BACKBONE, EMBEDDED_DATASET, data_root, feature_cache_dir
+from croft_search.backbones import check_crop_scale, load_backbone
+from croft_search.config import data_root, feature_cache_dir
+from croft_search.contract import DEFAULT_CROP_SCALE, EMBEDDED_BACKBONE, EMBEDDED_DATASET
 from croft_search.data import get_dataset_spec, load_domain_split
 from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
 from croft_search.features import CLEAN_VIEW, FeatureCache, augmented_view_kind

@@ -42,7 +42,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from croft_search import backbones  # noqa: F401  (registers the tiny-digits model config)
-from croft_search.config import EMBEDDED_BACKBONE, EMBEDDED_DATASET, data_root
+from croft_search.config import data_root
+from croft_search.contract import EMBEDDED_BACKBONE, EMBEDDED_DATASET
 from croft_search.data.digits import pretrain_corpus
 from croft_search.data.digits_layout import (
     DIGIT_NAMES,

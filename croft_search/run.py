@@ -9,10 +9,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from croft_search.config import TRIALS_FILE
+from croft_search.contract import DEFAULT_SPACE, TRIALS_FILE
 from croft_search.errors import OneLineArgumentParser, exit_on_user_error
-from croft_search.search import SearchOptions, run_search
-from croft_search.spaces import DEFAULT_SPACE, load_space, space_names
+from croft_search.search.ray_engine import SearchOptions, run_search
+from croft_search.search.space import load_space, space_names
 from croft_search.train import parse_assignments
 
 

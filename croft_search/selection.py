@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from croft_search.contract import DEFAULT_OBJECTIVE_WEIGHT, SELECTION_MODES
 from croft_search.errors import ConfigError
-from croft_search.metrics import DEFAULT_OBJECTIVE_WEIGHT, joint_objective
-
-SELECTION_MODES = ("val", "oracle")
+from croft_search.metrics import joint_objective
 
 
 def check_selection(mode: str) -> str:

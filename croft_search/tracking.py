@@ -21,7 +21,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from croft_search.config import SPACE_FILE, SUMMARY_FILE
+from croft_search.contract import JOINT_METRIC, SPACE_FILE, SUMMARY_FILE, metric_split
 from croft_search.errors import ConfigError
 
 TRIAL_TAG = "croft.trial_id"
@@ -32,6 +32,8 @@ MAX_PARAM_LENGTH = 6000
 MAX_METRICS_PER_BATCH = 1000
 # Per-epoch metrics of a running trial reach MLflow at most this often (and when it ends).
 EPOCH_FLUSH_SECONDS = 5.0
+# Per-epoch figures beside the validation metrics that a child run draws as curves.
+EPOCH_CURVES = (JOINT_METRIC, "lr", "ce")
 # A trial's status in trials.parquet -> its child run's MLflow status.
 RUN_STATUS = {"ok": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
 
@@ -64,6 +66,7 @@ class SearchTracker:
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         self.parent_run_id: str | None = None
         self._children: dict[str, str] = {}
+        self._finished: set[str] = set()  # trials whose child run has ended
         self._steps: dict[str, int] = {}
         self._unsent: dict[str, list[Metric]] = {}
         self._last_sent: dict[str, float] = {}
@@ -81,6 +84,8 @@ class SearchTracker:
                 trial_id = child.data.tags.get(TRIAL_TAG)
                 if trial_id:
                     self._children[trial_id] = child.info.run_id
+                    if child.info.status != "RUNNING":
+                        self._finished.add(trial_id)
             return resume_id
         run = self.client.create_run(
             self.experiment_id, run_name=search_name, tags={SEARCH_TAG: search_name}
@@ -103,22 +108,29 @@ class SearchTracker:
     def has_child(self, trial_id: str) -> bool:
         return trial_id in self._children
 
+    def finished_run(self, trial_id: str) -> str | None:
+        """The id of ``trial_id``'s ended child run, if it has one."""
+        return self._children[trial_id] if trial_id in self._finished else None
+
+    def discard_child(self, trial_id: str) -> None:
+        """Delete one trial's child run (a restarted attempt begins a fresh one)."""
+        run_id = self._children.pop(trial_id, None)
+        if run_id is not None:
+            self.client.set_terminated(run_id, "KILLED")
+            self.client.delete_run(run_id)
+            self._unsent.pop(run_id, None)
+        self._steps.pop(trial_id, None)
+        self._finished.discard(trial_id)
+
     def discard_unrecorded(self, recorded: set[str]) -> list[str]:
         """Delete the child runs of trials that have no row in trials.parquet: attempts cut
         off by a killed driver (Ray runs them again under a new child run, or proposes new
         trials instead) and surplus trials stopped once every sample had its row. Without
         this, a resumed search shows more child runs than trials. MLflow's delete is soft:
         `mlflow gc` purges them, the UI's "deleted" filter still shows them."""
-        discarded = []
-        for trial_id, run_id in list(self._children.items()):
-            if trial_id in recorded:
-                continue
-            self.client.set_terminated(run_id, "KILLED")
-            self.client.delete_run(run_id)
-            del self._children[trial_id]
-            self._unsent.pop(run_id, None)
-            self._steps.pop(trial_id, None)
-            discarded.append(trial_id)
+        discarded = [trial_id for trial_id in self._children if trial_id not in recorded]
+        for trial_id in discarded:
+            self.discard_child(trial_id)
         return discarded
 
     def child(self, trial_id: str, config: Mapping[str, Any]) -> str:
@@ -146,7 +158,7 @@ class SearchTracker:
         self._steps[trial_id] = step + 1
         now = int(time.time() * 1000)
         values = [Metric(f"epoch_{k}", v, now, step) for k, v in _numeric(metrics).items()
-                  if k.startswith("val_") or k in ("objective", "lr", "ce")]  # fmt: skip
+                  if metric_split(k) == "val" or k in EPOCH_CURVES]  # fmt: skip
         self._unsent.setdefault(run_id, []).extend(values)
         # One write per epoch and trial kept the driver busy enough to slow the trials
         # beside it on a small machine; curves still appear live, every few seconds.
@@ -175,6 +187,7 @@ class SearchTracker:
         self.client.log_batch(run_id, metrics=values, tags=tags)
         # An ASHA-stopped trial did nothing wrong: KILLED, as MLflow calls a run ended early.
         self.client.set_terminated(run_id, RUN_STATUS.get(status, "FAILED"))
+        self._finished.add(trial_id)
         return run_id
 
     # ------------------------------------------------------------------ helpers

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from croft_search.contract import PROTOCOL_CHOICES, TRIAL_SETTINGS
 from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
-from croft_search.spaces import read_cli_value
+from croft_search.search.space import read_cli_value
+from croft_search.trial.runner import run_trial
 from trainables.registry import hparam_specs, method_names
-from trainables.settings import PROTOCOL_CHOICES, TRIAL_SETTINGS
-from trainables.trial import run_trial
 
 SHOWN = (
     "val_acc",
@@ -31,7 +31,7 @@ SHOWN = (
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
     """``key=value`` pairs; values are read as the space files read YAML (1e-3, true, 16,
-    "text"; `croft_search.spaces.read_cli_value`)."""
+    "text"; `croft_search.search.space.read_cli_value`)."""
     values: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from croft_search.backbones import load_backbone
-from croft_search.config import EMBEDDED_BACKBONE, EMBEDDED_DATASET, data_root
+from croft_search.config import data_root
+from croft_search.contract import EMBEDDED_BACKBONE, EMBEDDED_DATASET
 from croft_search.data import get_dataset_spec, load_domain_split
 from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
 from croft_search.features import FeatureCache

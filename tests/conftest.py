@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from croft_search.backbones import load_backbone
 from croft_search.data import build_digits
 
 
@@ -27,3 +28,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init tiny CLIP's checkpoint, for searches that need a checkpoint path."""
+    path = tmp_path_factory.mktemp("weights") / "random-tiny.pt"
+    torch.save(load_backbone("tiny-digits", pretrained=None).model.state_dict(), path)
+    return path

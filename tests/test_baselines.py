@@ -18,7 +18,7 @@ from croft_search.data import get_dataset_spec, load_domain_split, sample_few_sh
 from croft_search.errors import ConfigError
 from croft_search.features import CLEAN_VIEW, FeatureCache, augmented_view_kind
 from croft_search.prompts import class_prompts
-from trainables import loop
+from croft_search.trial import loop
 from trainables.base import MethodContext, TrainData
 from trainables.linear_probe import UNSEEN_CLASS_LOGIT
 from trainables.registry import get_method, method_names, resolve_hparams

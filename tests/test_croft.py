@@ -15,6 +15,7 @@ from croft_search.backbones import Backbone, load_backbone
 from croft_search.data import get_dataset_spec, load_domain_split, load_image, sample_few_shot
 from croft_search.errors import ConfigError
 from croft_search.prompts import class_prompts, zero_shot_logits
+from croft_search.trial.loop import train
 from trainables.base import MethodContext, TrainData
 from trainables.croft import CRoFT, edr_penalty, energy, energy_gradient_norm
 from trainables.croft_objective import (
@@ -24,7 +25,6 @@ from trainables.croft_objective import (
     same_class_similarity,
     step_generator,
 )
-from trainables.loop import train
 from trainables.registry import get_method, resolve_hparams
 from trainables.text import FrozenTextEncoder
 

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from croft_search.backbones import load_backbone
 from croft_search.errors import ConfigError
+from croft_search.trial.loop import train
 from trainables import croft_variants
 from trainables.base import MethodContext, TrainData
 from trainables.croft import CRoFT
-from trainables.loop import train
 from trainables.registry import get_method, resolve_hparams
 from trainables.text import FrozenTextEncoder
 

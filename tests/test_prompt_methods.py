@@ -15,8 +15,8 @@ from open_clip.transformer import TextTransformer
 from croft_search.backbones import load_backbone
 from croft_search.data import get_dataset_spec, load_domain_split, load_image, sample_few_shot
 from croft_search.errors import ConfigError
+from croft_search.trial.loop import train
 from trainables.base import MethodContext, TrainData
-from trainables.loop import train
 from trainables.registry import get_method, resolve_hparams
 from trainables.text import FrozenTextEncoder, PromptLearner
 

@@ -29,13 +29,13 @@ from croft_search.metrics import (
 )
 from croft_search.prepare import main as prepare_main
 from croft_search.scores import get_score
-from croft_search.spaces import load_space
+from croft_search.search.space import load_space
 from croft_search.train import main as train_main
+from croft_search.trial.evaluate import REFERENCE_KNN_KS, capped, evaluate, reference_knn_bank
+from croft_search.trial.loop import train_epochs
+from croft_search.trial.runner import TrialResources, few_shot_val, run_trial
 from trainables.base import HParam, Method, MethodContext, TrainData
-from trainables.evaluate import REFERENCE_KNN_KS, capped, evaluate, reference_knn_bank
-from trainables.loop import train_epochs
 from trainables.registry import get_method, method_names, register_method, resolve_hparams
-from trainables.trial import TrialResources, few_shot_val, run_trial
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -412,8 +412,14 @@ def test_bad_protocol_values(resources, overrides, message):
 @pytest.mark.parametrize(
     "fixed, message",
     [
-        ("eval_protocol: nope", "eval_protocol 'nope' unknown"),
-        ("checkpoint: first", "checkpoint 'first' unknown"),
+        (
+            "eval_protocol: nope",
+            "fixed.eval_protocol: eval_protocol='nope' is not allowed; expected one of ours",
+        ),
+        (
+            "checkpoint: first",
+            "fixed.checkpoint: checkpoint='first' is not allowed; expected one of last",
+        ),
     ],
 )
 def test_bad_protocol_values_in_a_space(tmp_path, fixed, message):

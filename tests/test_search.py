@@ -18,32 +18,14 @@ import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from searches import RAY, gcs_address, write_space
 
-from croft_search.backbones import load_backbone
 from croft_search.run import main as run_main
-from croft_search.search import SearchOptions, run_search
-from croft_search.spaces import load_space
+from croft_search.search.ray_engine import SearchOptions, run_search
+from croft_search.search.space import load_space
 
 pytestmark = pytest.mark.slow
 TUNE_RESULT_FILES = {"progress.csv", "result.json"}
-# The ray CLI of the interpreter running the tests (the venv may not be on PATH).
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / "random-tiny.pt"
-    torch.save(load_backbone("tiny-digits", pretrained=None).model.state_dict(), path)
-    return path
-
-
-def write_space(folder: Path, name: str, weights: Path, body: str) -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(
-        f"description: test space\ndataset: digits\nbackbone: tiny-digits\n"
-        f"pretrained: {weights}\ntarget_domains: [sketch]\n" + body
-    )
-    return path
 
 
 CROFT_BODY = """method: croft
@@ -270,7 +252,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_ro
     )
     try:
         assert head.returncode == 0, head.stderr[-2000:]
-        address = _gcs_address(head.stdout + head.stderr)
+        address = gcs_address(head.stdout + head.stderr)
         worker = subprocess.run(
             [RAY, "start", f"--address={address}", "--num-cpus=1", "--disable-usage-stats"],
             capture_output=True,
@@ -319,13 +301,6 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_ro
         assert timing and float(timing[2]) == pytest.approx(4 * 60 / int(timing[1]), rel=0.1)
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
-
-
-def _gcs_address(output: str) -> str:
-    for line in output.splitlines():
-        if "--address='" in line:
-            return line.split("--address='")[1].split("'")[0]
-    raise AssertionError(f"no address in ray start output: {output[-1000:]}")
 
 
 @pytest.mark.parametrize(

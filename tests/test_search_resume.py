@@ -1,136 +1,207 @@
-"""What keeps a resumed search from running a finished trial again or running more trials
-than the space asks for, tested without starting Ray: a trial already in trials.parquet
-replays its recorded result, and the search stops once every sample has its row."""
+"""Exactly-once results, through the recorder's public interface and the engine-neutral trial
+function, without Ray: every trial once in trials.parquet, the Optuna study and MLflow,
+whatever is replayed after a resume; a resumed trial that already has its row replays it;
+MLflow down while trials finish loses nothing (the sync command sends the rest)."""
 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
+import socket
 
+import optuna
 import pandas as pd
 import pytest
-from ray import cloudpickle, tune
+from mlflow.tracking import MlflowClient
+from searches import live_child_runs
 
-from croft_search import search
-from croft_search.results import TrialTable
-from croft_search.spaces import load_space
-from croft_search.tracking import SearchTracker
+from croft_search.contract import OPTUNA_FILE, SEARCH_FILE, TRIALS_FILE
+from croft_search.search.folder import create_folder
+from croft_search.search.ray_engine import run_sampled_trial
+from croft_search.search.recorder import Recorder
+from croft_search.search.space import load_space
+from croft_search.sync import main as sync_main
+from croft_search.sync import sync_folder
+
+SPACE = "method: croft\nfixed: {epochs: 2}\nsearch: {lambda1: {uniform: [0, 15]}}\nnum_samples: 3\n"
+
+
+def config(lambda1: float) -> dict:
+    return {"method": "croft", "epochs": 2, "lambda1": lambda1, "seed": 0, "selection": "val"}
+
+
+OK = {"val_acc": 0.8, "val_auroc": 0.6, "objective": 0.7, "test_acc": 0.6}
 
 
 @pytest.fixture
-def recorded(tmp_path):
-    table = TrialTable(tmp_path, "s", "croft_digits")
-    config = {"method": "croft", "lambda2": 2.0, "seed": 0}
-    table.add(
-        "done01", config, {"val_acc": 0.8, "objective": 0.7, "test_acc": 0.6}, "ok", node="n/1"
-    )
-    table.add("bad002", config, {}, "failed", error="ValueError: NaN loss", node="n/1")
-    table.add("asha03", config, {"val_acc": 0.3, "objective": 0.2}, "stopped", node="n/2")
-    return tmp_path
+def search(tmp_path):
+    """A started search folder (search.json, space.yaml, MLflow parent) and its space."""
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    space = load_space(str(path))
+    folder = tmp_path / "runs" / "s"
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    create_folder(folder, "s", space, uri, "val", {"space": space.name})
+    return folder, space, uri
 
 
-@pytest.fixture
-def reports(monkeypatch):
-    sent: list[dict] = []
-    monkeypatch.setattr(tune, "report", lambda metrics, **_: sent.append(metrics))
-    return sent
+def study_trials(folder) -> list[optuna.trial.FrozenTrial]:
+    storage = f"sqlite:///{folder / OPTUNA_FILE}"
+    return optuna.load_study(study_name="s", storage=storage).get_trials()
 
 
-def run_as(trial_id: str, monkeypatch, folder) -> None:
-    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: trial_id))
+def record_three(recorder: Recorder) -> None:
+    for trial_id in ("t1", "t2", "t3"):
+        recorder.trial_started(trial_id, config(1.0))
+    recorder.trial_epoch("t1", config(1.0), {"epoch": 0, "objective": 0.5, "val_acc": 0.7})
+    recorder.trial_finished("t1", config(1.0), OK, node="n/1")
+    recorder.trial_failed("t2", config(2.0), "ValueError: NaN loss", node="n/1")
+    recorder.trial_stopped("t3", config(3.0), {"val_acc": 0.3, "objective": 0.2}, node="n/2")
+
+
+def test_every_trial_is_recorded_once_in_parquet_study_and_mlflow(search):
+    folder, space, uri = search
+    recorder = Recorder(folder, space, echo=False)
+    record_three(recorder)
+    # Replays after a resume, by this recorder and by a fresh one on the same folder.
+    assert recorder.trial_finished("t1", config(1.0), OK) is False
+    again = Recorder(folder, space, echo=False)
+    assert again.trial_failed("t2", config(2.0), "other error") is False
+    again.close({"trials": 3})
+
+    frame = pd.read_parquet(folder / TRIALS_FILE).set_index("trial_id")
+    assert frame["status"].to_dict() == {"t1": "ok", "t2": "failed", "t3": "stopped"}
+    assert frame.loc["t2", "error"] == "ValueError: NaN loss"
+    assert frame.loc["t1", "test_acc"] == pytest.approx(0.6)
+    states = sorted(t.state.name for t in study_trials(folder))
+    assert states == ["COMPLETE", "FAIL", "PRUNED"]
+    runs = live_child_runs(uri, folder)
+    assert {k: r.info.status for k, r in runs.items()} == {
+        "t1": "FINISHED", "t2": "FAILED", "t3": "KILLED"
+    }  # fmt: skip
+    assert {k: r.info.run_id for k, r in runs.items()} == frame["mlflow_run_id"].to_dict()
+    history = MlflowClient(uri).get_metric_history(runs["t1"].info.run_id, "epoch_objective")
+    assert [(m.step, m.value) for m in history] == [(0, pytest.approx(0.5))]
+
+
+def test_the_search_is_complete_at_its_sample_count_and_takes_no_surplus(search):
+    folder, space, uri = search
+    recorder = Recorder(folder, space, echo=False)
+    record_three(recorder)
+    assert recorder.is_complete() and Recorder.recorded_count(folder) == 3
+    assert recorder.trial_finished("t4", config(4.0), OK) is False
+    recorder.trial_started("t5", config(5.0))
+    recorder.trial_epoch("t5", config(5.0), {"epoch": 0, "objective": 0.1})
+    recorder.close({"trials": 3})
+    assert len(pd.read_parquet(folder / TRIALS_FILE)) == 3
+    assert set(live_child_runs(uri, folder)) == {"t1", "t2", "t3"}  # t5's attempt discarded
+
+
+def test_a_restarted_trial_keeps_only_its_last_attempt(search):
+    folder, space, uri = search
+    recorder = Recorder(folder, space, echo=False)
+    recorder.trial_started("t1", config(1.0))
+    recorder.trial_epoch("t1", config(1.0), {"epoch": 0, "objective": 0.9})
+    recorder.trial_restarted("t1")  # its node died
+    recorder.trial_epoch("t1", config(1.0), {"epoch": 0, "objective": 0.4})
+    recorder.trial_finished("t1", config(1.0), OK, attempts=2)
+    runs = live_child_runs(uri, folder)
+    history = MlflowClient(uri).get_metric_history(runs["t1"].info.run_id, "epoch_objective")
+    assert [m.value for m in history] == [pytest.approx(0.4)]
+    assert pd.read_parquet(folder / TRIALS_FILE)["attempts"].tolist() == [2]
+
+
+def test_recorded_trials_replay_instead_of_training(search):
+    folder, space, _ = search
+    recorder = Recorder(folder, space, echo=False)
+    record_three(recorder)
+    rows = Recorder.recorded_rows(folder)
+    reports: list[dict] = []
     # resources=None: a trial that tried to train instead of replaying would fail on it.
-    search.trial_function({}, None, "cpu", 1, finished=search._finished_rows(folder))
-
-
-def test_finished_trial_replays_its_recorded_result(recorded, reports, monkeypatch):
-    run_as("done01", monkeypatch, recorded)
-    assert len(reports) == 1
-    assert reports[0]["objective"] == pytest.approx(0.7)
-    assert reports[0]["test_acc"] == pytest.approx(0.6)
-    assert reports[0]["final"] == 1 and reports[0]["node"] == "n/1"
-
-
-def test_stopped_trial_replays_as_not_final(recorded, reports, monkeypatch):
-    run_as("asha03", monkeypatch, recorded)
-    assert reports[0]["final"] == 0 and reports[0]["objective"] == pytest.approx(0.2)
-    assert "test_acc" not in reports[0]
-
-
-def test_failed_trial_fails_again_with_its_error(recorded, reports, monkeypatch):
-    with pytest.raises(search.TrialFailed, match="NaN loss"):
-        run_as("bad002", monkeypatch, recorded)
+    ok = run_sampled_trial(config(1.0), None, "cpu", reports.append, rows["t1"])
+    assert ok["final"] == 1 and ok["status"] == "ok" and ok["node"] == "n/1"
+    assert ok["objective"] == pytest.approx(0.7) and ok["test_acc"] == pytest.approx(0.6)
+    failed = run_sampled_trial(config(2.0), None, "cpu", reports.append, rows["t2"])
+    assert failed["status"] == "failed" and failed["error"] == "ValueError: NaN loss"
+    stopped = run_sampled_trial(config(3.0), None, "cpu", reports.append, rows["t3"])
+    assert stopped["status"] == "stopped" and "test_acc" not in stopped
     assert reports == []
 
 
-def test_search_stops_once_every_sample_has_a_row(tmp_path):
-    _, stopper_class = search._driver_callback_classes()
-    stopper = stopper_class(tmp_path, 4)
-    assert not stopper.stop_all()  # no table yet
-    table = TrialTable(tmp_path, "s", "croft_digits")
-    for index in range(3):
-        table.add(f"t{index}", {"method": "croft"}, {"objective": 0.1}, "ok")
-    assert not stopper.stop_all()  # 3 of 4
-    # The stopper Ray restores is a copy of its own, so it must read the file.
-    restored = cloudpickle.loads(cloudpickle.dumps(stopper))
-    TrialTable(tmp_path, "s", "croft_digits").add("t3", {"method": "croft"}, {}, "ok")
-    assert stopper.stop_all() and restored.stop_all()
-    assert stopper("t3", {}) is False
-
-
-def test_replayed_trial_adds_no_epoch_to_its_recorded_run(tmp_path):
-    space_file = tmp_path / "space.yaml"
-    space_file.write_text(
-        "method: croft\nfixed: {epochs: 2}\nsearch: {lambda1: {uniform: [0, 15]}}\nnum_samples: 3\n"
+def test_a_trial_error_is_a_failed_result_on_one_line():
+    reports: list[dict] = []
+    result = run_sampled_trial(
+        {"method": "croft", "no_such_hparam": 1}, None, "cpu", reports.append
     )
-    space = load_space(str(space_file))
-    tracker = SearchTracker(f"sqlite:///{tmp_path / 'm.db'}", space.name)
-    parent = tracker.start_parent("s", {}, "", None)
-    config = {"method": "croft", "lambda1": 2.0}
-    tracker.log_epoch("asha03", config, {"epoch": 0, "objective": 0.2})
-    run_id = tracker.finish_trial("asha03", config, {"objective": 0.2}, "stopped")
-    (tmp_path / search.SEARCH_FILE).write_text(
-        json.dumps({"tracking_uri": tracker.tracking_uri, "mlflow_parent_run_id": parent})
-    )
-    TrialTable(tmp_path, "s", space.name).add("asha03", config, {"objective": 0.2}, "stopped")
-
-    recorder_class, _ = search._driver_callback_classes()
-    recorder = recorder_class(tmp_path, space, "s")
-    recorder.setup()
-    trial = SimpleNamespace(trial_id="asha03", config=config)
-    # What _replay sends for a stopped trial after a resume.
-    recorder.on_trial_result(0, [], trial, {"final": 0, "objective": 0.2, "node": "n/2"})
-    recorder.tracker._send_epochs(run_id)
-    history = recorder.tracker.client.get_metric_history(run_id, "epoch_objective")
-    assert [(m.step, m.value) for m in history] == [(0, pytest.approx(0.2))]
+    assert result["final"] == 1 and result["status"] == "failed"
+    assert result["error"].startswith("ConfigError: unknown hyper-parameter(s) no_such_hparam")
+    assert "\n" not in result["error"] and reports == []
 
 
-def test_diverged_trial_fails_with_its_one_line_reason(reports, monkeypatch):
-    # What a Ray worker does when run_trial meets a NaN loss: the trial fails with the
-    # reason on one line (the driver writes it to trials.parquet as a failed row).
-    import ray
-
-    from trainables.loop import TrainingDiverged
-
-    def diverge(*args, **kwargs):
-        raise TrainingDiverged("loss became nan\nin epoch 3")
-
-    monkeypatch.setattr(tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
-    node = SimpleNamespace(get_node_id=lambda: "0123456789abcdef")
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: node)
-    monkeypatch.setattr(search, "run_trial", diverge)
-    config = {"method": "croft", "target_domain": "sketch", "epochs": 2}
-    with pytest.raises(search.TrialFailed) as failed:
-        search.trial_function(config, None, "cpu", 1)
-    assert str(failed.value) == "TrainingDiverged: loss became nan in epoch 3"
-    assert reports == []
+def _dead_uri() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"  # nothing listens there once the probe is closed
 
 
-def test_a_trial_averaging_several_seeds_has_no_seed_of_its_own(tmp_path):
-    table = TrialTable(tmp_path, "s", "croft_digits")
-    table.add("one", {"method": "croft", "seed": 3}, {"objective": 0.5}, "ok")
-    table.add("avg", {"method": "croft", "seeds": [0, 1, 2]}, {"objective": 0.6}, "ok")
-    table.add("dflt", {"method": "croft"}, {"objective": 0.7}, "ok")
-    frame = pd.read_parquet(tmp_path / "trials.parquet").set_index("trial_id")
-    assert str(frame["seed"].dtype) == "Int64"
-    assert frame.loc["one", "seed"] == 3 and frame.loc["dflt", "seed"] == 0
-    assert pd.isna(frame.loc["avg", "seed"]) and frame.loc["avg", "config/seeds"] == "0,1,2"
+def test_mlflow_down_loses_nothing_and_sync_sends_the_rest(search, capsys):
+    folder, space, uri = search
+    meta_file = folder / SEARCH_FILE
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "tracking_uri": _dead_uri()}))
+    recorder = Recorder(folder, space, echo=False)
+    record_three(recorder)
+    recorder.close({"trials": 3})
+    (folder / "summary.json").write_text(json.dumps({"trials": 3}))
+    err = capsys.readouterr().err
+    assert "the search goes on" in err and "python -m croft_search.sync" in err
+    frame = pd.read_parquet(folder / TRIALS_FILE)
+    assert len(frame) == 3 and set(frame["mlflow_run_id"]) == {""}
+    assert len(study_trials(folder)) == 3
+
+    with pytest.raises(SystemExit) as exit_info:
+        sync_main([str(folder)])  # still down
+    assert exit_info.value.code == 2 and "does not answer" in capsys.readouterr().err
+
+    assert sync_folder(folder, uri) == (3, 0)  # the server is back (here: at another URI)
+    runs = live_child_runs(uri, folder)
+    assert {k: r.info.status for k, r in runs.items()} == {
+        "t1": "FINISHED", "t2": "FAILED", "t3": "KILLED"
+    }  # fmt: skip
+    assert runs["t1"].data.metrics["test_acc"] == pytest.approx(0.6)
+    assert runs["t1"].data.params["lambda1"] == "1.0"
+    frame = pd.read_parquet(folder / TRIALS_FILE).set_index("trial_id")
+    assert frame["mlflow_run_id"].to_dict() == {k: r.info.run_id for k, r in runs.items()}
+    assert sync_folder(folder, uri) == (0, 0)  # nothing sent twice
+    parent = MlflowClient(uri).get_run(meta["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+
+
+def test_a_row_written_before_its_run_is_completed_on_the_next_open(search):
+    """A driver killed between writing a trial's row and ending its child run: the next
+    recorder ends the run from the row, and adds the row's study entry if it was missing."""
+    folder, space, uri = search
+    recorder = Recorder(folder, space, echo=False)
+    recorder.trial_started("t1", config(1.0))
+    recorder.trial_epoch("t1", config(1.0), {"epoch": 0, "objective": 0.5})
+    recorder.mlflow.call(lambda tracker: tracker.child("t1", config(1.0)))  # the run, open
+    recorder.table.add("t1", config(1.0), OK, "ok")  # the row, as the kill left it
+    Recorder(folder, space, echo=False).close({"trials": 1})
+    runs = live_child_runs(uri, folder)
+    assert runs["t1"].info.status == "FINISHED"
+    assert runs["t1"].data.metrics["objective"] == pytest.approx(0.7)
+    assert [t.state.name for t in study_trials(folder)] == ["COMPLETE"]
+    frame = pd.read_parquet(folder / TRIALS_FILE)
+    assert frame["mlflow_run_id"].tolist() == [runs["t1"].info.run_id]
+
+
+def test_trials_parquet_keeps_real_types(search):
+    folder, space, _ = search
+    recorder = Recorder(folder, space, echo=False)
+    recorder.trial_finished("a", {"method": "croft", "lambda1": 0, "n_ctx": 4, "seed": 3}, OK)
+    recorder.trial_finished("b", {"method": "coop", "lambda1": 2.5, "seeds": [0, 1, 2]}, OK)
+    frame = pd.read_parquet(folder / TRIALS_FILE).set_index("trial_id")
+    assert str(frame["config/lambda1"].dtype) == "float64"  # 0 beside 2.5
+    assert str(frame["config/n_ctx"].dtype) == "Int64" and pd.isna(frame.loc["b", "config/n_ctx"])
+    assert str(frame["seed"].dtype) == "Int64" and frame.loc["a", "seed"] == 3
+    assert pd.isna(frame.loc["b", "seed"]) and frame.loc["b", "config/seeds"] == "0,1,2"

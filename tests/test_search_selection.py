@@ -10,10 +10,12 @@ import socket
 import optuna
 import pytest
 
-from croft_search import search
+from croft_search.contract import SEARCH_FILE
 from croft_search.errors import ConfigError
 from croft_search.run import main as run_main
-from croft_search.spaces import load_space
+from croft_search.search import ray_engine as search
+from croft_search.search.folder import check_same_space
+from croft_search.search.space import load_space
 
 ORACLE_SPACE = """\
 method: croft
@@ -65,7 +67,7 @@ def test_resume_refuses_a_changed_space(tmp_path, capsys):
     space = load_space(str(space_file))
     folder = tmp_path / "runs" / space.name / "r"
     folder.mkdir(parents=True)
-    (folder / search.SEARCH_FILE).write_text("{}")
+    (folder / SEARCH_FILE).write_text("{}")
     (folder / "space.yaml").write_text(space.to_yaml())
     argv = ["--space", str(space_file), "--storage", str(tmp_path / "runs"), "--name", "r"]
     with pytest.raises(SystemExit) as exit_info:
@@ -74,9 +76,9 @@ def test_resume_refuses_a_changed_space(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "differs in: num_samples" in err[0]
     # The same space passes the check (and goes on to load features: stop it there).
-    search._check_same_space(space, folder)
+    check_same_space(space, folder)
     with pytest.raises(ConfigError, match="differs in: fixed"):
-        search._check_same_space(space.with_overrides(fixed_overrides={"lr": "0.01"}), folder)
+        check_same_space(space.with_overrides(fixed_overrides={"lr": "0.01"}), folder)
 
 
 def test_an_address_nothing_answers_at_fails_at_once(tmp_path, capsys):

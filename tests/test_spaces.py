@@ -11,17 +11,18 @@ import optuna
 import pytest
 from ray import cloudpickle
 
+from croft_search.contract import DEFAULT_SPACE
 from croft_search.errors import ConfigError
-from croft_search.spaces import (
-    DEFAULT_SPACE,
+from croft_search.search.optuna_bridge import make_sampler, run_configs, study_directions, suggest
+from croft_search.search.space import (
     GRID_POINT,
     METHOD_PARAM_SEPARATOR,
     SearchSpace,
     load_space,
     space_names,
 )
+from croft_search.trial.runner import split_config
 from trainables.registry import method_names, resolve_hparams
-from trainables.trial import split_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -49,8 +50,9 @@ REQUIRED_SPACES = (
 
 
 def study_for(space: SearchSpace, seed: int = 0) -> optuna.Study:
-    directions = ["maximize" if mode == "max" else "minimize" for mode in space.modes()]
-    return optuna.create_study(directions=directions, sampler=space.make_sampler(seed))
+    return optuna.create_study(
+        directions=study_directions(space), sampler=make_sampler(space, seed)
+    )
 
 
 def ask_configs(space: SearchSpace, count: int, seed: int = 0) -> list[dict]:
@@ -60,7 +62,7 @@ def ask_configs(space: SearchSpace, count: int, seed: int = 0) -> list[dict]:
     configs = []
     for index in range(count):
         trial = study.ask()
-        configs.append(space.suggest(trial))
+        configs.append(suggest(space, trial))
         values = [((index * 7) % 11) / 10.0 for _ in space.metric_names()]
         study.tell(trial, values if len(values) > 1 else values[0])
     return configs
@@ -68,7 +70,7 @@ def ask_configs(space: SearchSpace, count: int, seed: int = 0) -> list[dict]:
 
 def assert_runs(space: SearchSpace, config: dict) -> None:
     """Every run_trial config of ``config`` passes run_trial's own checks."""
-    for run_config in space.run_configs(config):
+    for run_config in run_configs(config):
         settings, hparams = split_config(run_config)
         assert settings["method"] in space.methods
         resolve_hparams(settings["method"], hparams)
@@ -166,9 +168,9 @@ def test_single_method_config_is_ready_for_run_trial():
     assert config["epochs"] == 20
     assert 0 <= config["lambda1"] <= 15 and 0.1 <= config["lambda2"] <= 1000
     assert config["n_ctx"] in (0, 4, 8)
-    assert space.run_configs(config) == [config]
+    assert run_configs(config) == [config]
     assert space.metric_names() == ["objective"] and space.modes() == ["max"]
-    assert isinstance(space.make_sampler(0), optuna.samplers.TPESampler)
+    assert isinstance(make_sampler(space, 0), optuna.samplers.TPESampler)
 
 
 def test_multi_method_parameters_are_conditional_on_the_method():
@@ -178,7 +180,7 @@ def test_multi_method_parameters_are_conditional_on_the_method():
     seen = set()
     for index in range(40):
         trial = study.ask()
-        config = space.suggest(trial)
+        config = suggest(space, trial)
         method = config["method"]
         seen.add(method)
         # Optuna names are method-prefixed, and only the chosen method's are suggested.
@@ -191,7 +193,7 @@ def test_multi_method_parameters_are_conditional_on_the_method():
         assert set(config) <= allowed, set(config) - allowed
         # Ray merges Optuna's names into the config it hands over; run_configs drops them.
         merged = {**trial.params, **config}
-        assert space.run_configs(merged) == [config]
+        assert run_configs(merged) == [config]
         assert_runs(space, merged)
         study.tell(trial, (index % 5) / 5)
     assert len(seen) >= 5
@@ -207,15 +209,15 @@ def test_ray_tune_optuna_searcher_drives_the_space(name):
     space = load_space(name)
     metrics, modes = space.metric_names(), space.modes()
     searcher = OptunaSearch(
-        space=space.suggest,
+        space=lambda trial: suggest(space, trial),
         metric=metrics[0] if len(metrics) == 1 else metrics,
         mode=modes[0] if len(modes) == 1 else modes,
-        sampler=space.make_sampler(0),
+        sampler=make_sampler(space, 0),
     )
     count = space.grid_size() or 12
     for index in range(count):
         config = searcher.suggest(f"trial_{index}")
-        for run_config in space.run_configs(config):
+        for run_config in run_configs(config):
             assert METHOD_PARAM_SEPARATOR not in "".join(run_config)
             assert_runs(space, run_config)
         searcher.on_trial_complete(f"trial_{index}", {"objective": 0.5})
@@ -255,7 +257,7 @@ def test_ablation_grid_is_variants_times_seeds():
         }
         expected |= space.variants[config["variant"]]
         assert {key: config[key] for key in expected} == expected
-        (run_config,) = space.run_configs(config)
+        (run_config,) = run_configs(config)
         assert "variant" not in run_config and run_config["seed"] == config["seed"]
     by_variant = {c["variant"]: c for c in configs}
     assert (
@@ -290,23 +292,23 @@ def test_grid_over_several_methods_walks_one_grid_point_axis(tmp_path):
     configs = []
     for _ in range(space.grid_size()):
         trial = study.ask()
-        configs.append(space.suggest(trial))
+        configs.append(suggest(space, trial))
         assert set(trial.params) == {GRID_POINT}
         study.tell(trial, 0.5)
     distinct = {tuple(sorted((k, repr(v)) for k, v in c.items())) for c in configs}
     assert len(distinct) == 16
     assert {c["gen_steps"] for c in configs if c["method"] == "croft"} == {0, 2}
     assert all("lambda1" not in c for c in configs if c["method"] == "zsclip")
-    assert space.run_configs({**configs[0], GRID_POINT: 3}) == [configs[0]]
+    assert run_configs({**configs[0], GRID_POINT: 3}) == [configs[0]]
 
 
 def test_several_seeds_outside_a_grid_average_within_a_trial(tmp_path):
     space = load_space(write(tmp_path, MINIMAL + "seeds: [3, 4]\n", "seeds.yaml"))
     config = ask_configs(space, 1)[0]
     assert config["seeds"] == [3, 4] and "seed" not in config
-    runs = space.run_configs(config)
+    runs = run_configs(config)
     assert [run["seed"] for run in runs] == [3, 4]
-    assert SearchSpace.run_configs(config) == runs
+    assert run_configs(dict(config)) == runs
     assert all("seeds" not in run for run in runs)
 
 
@@ -320,7 +322,7 @@ def test_pareto_objective_names_metrics_and_directions(tmp_path):
     space = load_space(path)
     assert space.metric_names() == ["val_acc", "val_auroc", "val_fpr95"]
     assert space.modes() == ["max", "max", "min"]
-    assert isinstance(space.make_sampler(0), optuna.samplers.NSGAIISampler)
+    assert isinstance(make_sampler(space, 0), optuna.samplers.NSGAIISampler)
     config = ask_configs(space, 3)[0]
     assert "objective_weight" not in config
     # A list takes each metric's natural direction.
@@ -346,12 +348,12 @@ def test_pareto_objective_names_metrics_and_directions(tmp_path):
 
 def test_samplers_are_built_and_seeded(tmp_path):
     random_space = load_space(write(tmp_path, MINIMAL + "sampler: random\n", "random.yaml"))
-    assert isinstance(random_space.make_sampler(1), optuna.samplers.RandomSampler)
+    assert isinstance(make_sampler(random_space, 1), optuna.samplers.RandomSampler)
     first = ask_configs(random_space, 3, seed=5)
     assert ask_configs(random_space, 3, seed=5) == first
     assert ask_configs(random_space, 3, seed=6) != first
     grid = load_space("zsclip_digits")
-    assert isinstance(grid.make_sampler(0), optuna.samplers.GridSampler)
+    assert isinstance(make_sampler(grid, 0), optuna.samplers.GridSampler)
     assert load_space("croft_digits").grid_size() is None
 
 
@@ -608,7 +610,7 @@ def test_unknown_method_lists_the_known_ones(tmp_path):
 
 
 def test_packaged_space_errors_name_the_packaged_file(monkeypatch):
-    import croft_search.spaces as spaces
+    import croft_search.search.space as spaces
 
     original = spaces.load_space_text
 
@@ -637,7 +639,7 @@ def test_every_sampler_survives_the_pickling_ray_tune_does(tmp_path, sampler):
             "num_samples: 4\n", ""
         )
     space = load_space(write(tmp_path, body, f"{sampler}.yaml"))
-    original = space.make_sampler(3)
+    original = make_sampler(space, 3)
     restored = cloudpickle.loads(cloudpickle.dumps(original))
     assert type(restored) is type(original)
     directions = ["maximize"] * len(space.metric_names())

@@ -14,10 +14,10 @@ from torch import nn
 from croft_search.backbones import load_backbone
 from croft_search.errors import ConfigError
 from croft_search.train import main as train_main
+from croft_search.trial.loop import TrainingDiverged, build_optimizer, fusable, learning_rate
+from croft_search.trial.runner import TrialResources, run_trial
 from trainables.base import HParam, Method
-from trainables.loop import TrainingDiverged, build_optimizer, fusable, learning_rate
 from trainables.registry import get_method, register_method, resolve_hparams
-from trainables.trial import TrialResources, run_trial
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -260,8 +260,8 @@ def test_scores_get_logit_scale_and_features_by_what_they_declare(resources):
     # evaluation hands test features to a score that reads them (needs_features), fitted
     # or not.
     from croft_search.scores import OODScore, score_parameters
-    from trainables.evaluate import build_score, evaluate
-    from trainables.trial import build_method, few_shot_train
+    from croft_search.trial.evaluate import build_score, evaluate
+    from croft_search.trial.runner import build_method, few_shot_train
 
     class FeatureNorm(OODScore):
         name = "_test_feature_norm"
@@ -281,7 +281,7 @@ def test_scores_get_logit_scale_and_features_by_what_they_declare(resources):
 
 
 def test_set_values_read_alike_in_every_command():
-    from croft_search.spaces import read_cli_value
+    from croft_search.search.space import read_cli_value
     from croft_search.train import parse_assignments
 
     values = parse_assignments(["lr=1e-3", "flag=true", "grid=[0, 1]", "name=text", "empty="])

@@ -2,7 +2,7 @@
 
 A method is a small `torch.nn.Module` that says which parameters train, how cached image
 features become class logits, and which extra losses it adds; the shared loop in
-`trainables.loop` does the optimisation for all of them (DomainBed's `update`/`predict`
+`croft_search.trial.loop` does the optimisation for all of them (DomainBed's `update`/`predict`
 shape, without its string-built commands or global state).
 """
 
@@ -75,7 +75,6 @@ class HParam:
 # How a method's unset hyper-parameters are filled: its own defaults (ours), or the values
 # the CRoFT authors' code base runs it with (reference: each method's ``reference_recipe``,
 # scored by energy as in every table of theirs). The trial setting ``recipe``.
-RECIPES = ("ours", "reference")
 REFERENCE_SCORE = "energy"
 # The recipe every trainer of the reference shares: CoOp/configs/trainers/*/ViT_ep30.yaml
 # (SGD at 0.002, 30 epochs, batch 32, one constant warm-up epoch at 1e-5, cosine) and the

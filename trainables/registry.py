@@ -7,13 +7,11 @@ import importlib
 import pkgutil
 from typing import Any
 
+from croft_search.contract import RECIPES, RESERVED_KEYS
 from croft_search.errors import ConfigError
-from trainables.base import LOOP_HPARAMS, RECIPES, HParam, Method
-from trainables.settings import RESERVED_KEYS
+from trainables.base import LOOP_HPARAMS, HParam, Method
 
 _METHODS: dict[str, type[Method]] = {}
-# Modules of this package that hold infrastructure, not methods.
-_INFRASTRUCTURE = {"base", "registry", "loop", "text", "trial", "evaluate", "settings"}
 _discovered = False
 
 
@@ -26,7 +24,7 @@ def register_method(cls: type[Method]) -> type[Method]:
     if clash:
         raise ConfigError(
             f"method {name} declares hyper-parameter(s) {', '.join(clash)}, names of trial "
-            "settings or space keys (trainables.settings.RESERVED_KEYS); rename them"
+            "settings or space keys (croft_search.contract.RESERVED_KEYS); rename them"
         )
     _METHODS[name] = cls
     return cls
@@ -38,8 +36,10 @@ def _discover() -> None:
         return
     import trainables
 
+    # Every module: a method file registers its method on import, the others (base, text,
+    # a method's helpers) register nothing, so no list of which is which can go stale.
     for module in pkgutil.iter_modules(trainables.__path__):
-        if module.name not in _INFRASTRUCTURE and not module.name.startswith("_"):
+        if not module.name.startswith("_"):
             importlib.import_module(f"trainables.{module.name}")
     _discovered = True
 
@@ -70,7 +70,7 @@ def resolve_hparams(
     """Defaults of ``method`` updated with ``overrides``, each checked for name, type and
     range; an unknown key is an error (a typo must not silently fall back to a default).
     Under ``recipe="reference"`` the method's ``reference_recipe`` fills the keys
-    ``overrides`` leaves unset (`trainables.base.RECIPES`)."""
+    ``overrides`` leaves unset (`croft_search.contract.RECIPES`)."""
     specs = hparam_specs(method)
     if recipe not in RECIPES:
         raise ConfigError(f"recipe={recipe!r} is not allowed; expected one of {', '.join(RECIPES)}")

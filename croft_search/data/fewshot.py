@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from croft_search.contract import SHOTS_PER
 from croft_search.data.base import Sample
 from croft_search.errors import ConfigError
 
@@ -50,7 +51,6 @@ def _stable_hash(key: tuple[int, str]) -> int:
 # How a k-shot training set is drawn: k per class and source domain (ours), k per class over
 # the pooled source domains (Dassl's generate_fewshot_dataset), or Dassl's
 # generate_fewshot_dataset_balance as the CRoFT reference runs it on PACS.
-SHOTS_PER = ("class_and_domain", "class", "dassl_balance")
 DASSL_BALANCE_MIN_SHOTS = 4
 
 

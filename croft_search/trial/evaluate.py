@@ -154,7 +154,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Validation metrics (source val split vs validation open set) and, with
     ``include_test``, test metrics (target domain vs test open set) under ``protocol``
-    (`trainables.settings.EVAL_PROTOCOLS`; validation always follows ours, so selection
+    (`croft_search.contract.EVAL_PROTOCOLS`; validation always follows ours, so selection
     never changes)."""
     metrics: dict[str, float] = {}
     logits, embeddings = predict(method, split.val, split.val_domains)

@@ -12,24 +12,29 @@ from typing import Any
 
 import torch
 
-from croft_search.backbones import DEFAULT_CROP_SCALE, Backbone, check_crop_scale, load_backbone
-from croft_search.config import EMBEDDED_BACKBONE, data_root
+from croft_search.backbones import Backbone, load_backbone
+from croft_search.config import data_root
+from croft_search.contract import (
+    DEFAULT_CROP_SCALE,
+    EMBEDDED_BACKBONE,
+    TRIAL_SETTINGS,
+    check_setting,
+    open_set_names,
+)
 from croft_search.data import get_dataset_spec, sample_shots
 from croft_search.errors import ConfigError
 from croft_search.features import FeatureCache, SplitFeatures
 from croft_search.prompts import class_prompts
-from croft_search.scores import score_names
-from croft_search.selection import check_selection, objective
-from trainables.base import REFERENCE_SCORE, Method, MethodContext, TrainData
-from trainables.evaluate import (
+from croft_search.selection import objective
+from croft_search.trial.evaluate import (
     build_score,
     capped,
     evaluate,
     validation_accuracy,
 )
-from trainables.loop import train_epochs
+from croft_search.trial.loop import train_epochs
+from trainables.base import REFERENCE_SCORE, Method, MethodContext, TrainData
 from trainables.registry import get_method, resolve_hparams
-from trainables.settings import PROTOCOL_CHOICES, TRIAL_SETTINGS, open_set_names
 from trainables.text import FrozenTextEncoder
 
 # Called after every epoch with the validation metrics so far; True stops the trial.
@@ -136,27 +141,8 @@ def split_config(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
     hparams = {key: value for key, value in config.items() if key not in TRIAL_SETTINGS}
     if not settings["method"]:
         raise ConfigError("a trial needs a method (config key 'method')")
-    check_selection(settings["selection"])
-    if settings["score"] is not None and settings["score"] not in score_names():
-        raise ConfigError(
-            f"unknown OOD score {settings['score']!r}; known scores: {', '.join(score_names())}"
-        )
-    weight = settings["objective_weight"]
-    if not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
-        raise ConfigError(f"objective_weight must be a number in [0, 1], got {weight!r}")
-    if not isinstance(settings["views"], int) or settings["views"] < 0:
-        raise ConfigError(f"views must be an integer >= 0, got {settings['views']!r}")
-    check_crop_scale(settings["crop_scale"])
-    for key, allowed in PROTOCOL_CHOICES.items():
-        if settings[key] not in allowed:
-            raise ConfigError(
-                f"{key}={settings[key]!r} is not allowed; expected one of {', '.join(allowed)}"
-            )
-    val_shots = settings["val_shots"]
-    if isinstance(val_shots, bool) or not isinstance(val_shots, int) or val_shots < 0:
-        raise ConfigError(
-            f"val_shots must be an integer >= 0 (0 = the whole validation split), got {val_shots!r}"
-        )
+    for key, value in settings.items():
+        settings[key] = check_setting(key, value)
     return settings, hparams
 
 

@@ -1,5 +1,5 @@
-"""Search spaces: one YAML file per search, validated on load, turned into Optuna samplers
-and define-by-run suggestions for the search driver.
+"""Search spaces: one YAML file per search, validated on load into a `SearchSpace` that
+knows nothing of the engine (`optuna_bridge` turns it into Optuna suggestions and samplers).
 
 A space is a name from the packaged ``search_spaces/`` folder (``croft_digits``) or a path
 to a YAML file. The format, every key optional unless marked::
@@ -51,22 +51,22 @@ Rules worth knowing:
 - YAML 1.1 reads ``1e-4`` as a string; this loader reads it as the number it looks like.
   Duplicate keys are an error rather than the last one silently winning.
 
-The driver's side::
+An engine's side (``croft_search.search.ray_engine`` is one)::
 
     space = load_space("croft_digits").with_overrides(num_samples=8, fixed_overrides={...})
-    TrialResources.load(space.dataset, space.target_domain_list(), space.backbone,
-                        space.pretrained, views=space.setting("views"), ...)
-    searcher = OptunaSearch(space=space.suggest, metric=space.metric_names(),  # [0] if one
-                            mode=space.modes(), sampler=space.make_sampler(seed))
-    scheduler = ASHAScheduler(metric="objective", mode="max", **space.scheduler)  # has max_t
-    # in the trainable, for the config Ray hands over:
-    results = [run_trial(run_config) for run_config in space.run_configs(config)]
+    resources = load_resources(space.feature_settings(), space.target_domain_list())
+    study = optuna.create_study(directions=study_directions(space),
+                                sampler=make_sampler(space, seed))
+    trial = study.ask()
+    config = suggest(space, trial)           # optuna_bridge.suggest
+    results = [run_trial(run, resources) for run in run_configs(config)]
+    # early stopping: ASHA on the per-epoch "objective" at space.scheduler's rungs
 
 ``suggest`` returns the complete trial config (method, dataset, target_domain, backbone,
 pretrained, objective_weight for joint objectives, fixed and sampled values, variant, and
 ``seed``, or ``seeds`` where a trial averages several). Optuna parameter names equal config
 keys, except in multi-method spaces (``coop.lr``) and conditional grids (one ``grid_point``
-axis); Ray merges those names into the config, so ``run_configs`` drops them, drops
+axis); an engine may merge those names into the config, so ``run_configs`` drops them, drops
 ``variant`` (not a run_trial key) and expands ``seeds`` into one run_trial config per seed.
 """
 
@@ -78,30 +78,28 @@ import functools
 import itertools
 import math
 import re
-import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import optuna
 import yaml
 
-from croft_search.backbones import RANDOM_PRETRAINED, check_crop_scale
+from croft_search.backbones import RANDOM_PRETRAINED
+from croft_search.contract import (
+    JOINT_METRIC,
+    SETTINGS,
+    TRIAL_SETTINGS,
+    check_setting,
+    pareto_metrics,
+)
 from croft_search.data import get_dataset_spec
 from croft_search.errors import ConfigError
-from croft_search.metrics import metric_direction
-from croft_search.scores import score_names
-from croft_search.selection import SELECTION_MODES
 from trainables.base import LOOP_HPARAMS, HParam
 from trainables.registry import hparam_specs, method_names, resolve_hparams
-from trainables.settings import PROTOCOL_CHOICES, TRIAL_SETTINGS, open_set_names
 
 SPACES_PACKAGE = "search_spaces"
-# What `python -m croft_search.run` searches without --space: the embedded default.
-DEFAULT_SPACE = "croft_digits"
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
 TOP_LEVEL_KEYS = (
@@ -122,45 +120,18 @@ TOP_LEVEL_KEYS = (
     "num_samples",
     "seeds",
 )
-# Trial settings (trainables.settings.TRIAL_SETTINGS) a space may fix; the others have their
-# own top-level key or come from the objective. One feature cache serves the whole search,
-# so only ``score`` (post-hoc, no re-encoding) may differ per method or be searched.
-SHARED_SETTINGS = (
-    "views",
-    "view_seed",
-    "crop_scale",
-    "selection",
-    "device",
-    "data_root",
-    "cache_dir",
-    "shots_per",
-    "val_shots",
-    "checkpoint",
-    "eval_protocol",
-    "test_open_sets",
-    "recipe",
-)
-PER_METHOD_SETTINGS = ("score",)
+# Trial settings a space may fix (croft_search.contract.SETTINGS, by scope); the others have
+# their own top-level key or come from the objective. One feature cache serves the whole
+# search, so only per-method settings (the post-hoc score) may differ per method or be searched.
+SHARED_SETTINGS = tuple(n for n, s in SETTINGS.items() if s.scope == "shared")
+PER_METHOD_SETTINGS = tuple(n for n, s in SETTINGS.items() if s.scope == "per_method")
 SETTINGS_WITH_OWN_KEY = {
-    "method": "method",
-    "dataset": "dataset",
-    "target_domain": "target_domains",
-    "backbone": "backbone",
-    "pretrained": "pretrained",
-    "objective_weight": "objective: {joint: W}",
+    **{n: s.space_key for n, s in SETTINGS.items() if s.scope == "own_key"},
     "seed": "seeds",
     "variant": "variants",
 }
-# The metrics a pareto objective may name (run_trial's result keys), each with its direction.
-VALIDATION_METRICS = {
-    name: "max" if metric_direction(name) else "min"
-    for name in ("val_acc", "val_auroc", "val_fpr95")
-}
-TEST_METRICS = {
-    name: "max" if metric_direction(name) else "min"
-    for name in ("test_acc", "test_auroc", "test_fpr95", "test_aupr_in", "test_aupr_out")
-}
-JOINT_METRIC = "objective"
+VALIDATION_METRICS = pareto_metrics("val")
+TEST_METRICS = pareto_metrics("test")
 ASHA_ARGS = ("grace_period", "reduction_factor", "max_t")
 ASHA_DEFAULTS = {"grace_period": 1, "reduction_factor": 4}  # Ray's own defaults
 # Optuna names that are not config keys (see run_configs).
@@ -207,20 +178,6 @@ class Param:
             return len(self.choices)
         return round((self.high - self.low) / (self.step or 1)) + 1
 
-    def suggest(self, trial: optuna.trial.BaseTrial, name: str, as_grid: bool) -> Any:
-        """Ask ``trial`` for this parameter. ``as_grid``: as the categorical axis the grid
-        sampler enumerates (GridSampler returns its grid value for any distribution, but
-        a categorical over exactly those values keeps the study's distributions honest)."""
-        if as_grid or self.kind in ("choice", "grid"):
-            return trial.suggest_categorical(name, self.grid_values())
-        if self.kind == "int":
-            return trial.suggest_int(
-                name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
-            )
-        return trial.suggest_float(
-            name, self.low, self.high, step=self.step, log=self.kind == "loguniform"
-        )
-
     def to_raw(self) -> dict[str, Any]:
         """The YAML form this parameter was (or could have been) written in."""
         if self.kind in ("choice", "grid"):
@@ -246,50 +203,6 @@ class SearchObjective:
         if self.kind == "joint":
             return {"joint": self.weight}
         return {"pareto": dict(self.directions)}
-
-
-class AskTellGridSampler(optuna.samplers.GridSampler):
-    """GridSampler for ask-and-tell drivers (Ray Tune's OptunaSearch is one).
-
-    GridSampler calls ``study.stop()`` when the last grid point is told, which raises
-    RuntimeError outside ``study.optimize`` (Optuna documents this), so the final tell would
-    fail and leave that trial RUNNING in the stored study. The driver stops after
-    ``num_samples`` trials (the grid size by default) anyway, so nothing needs stopping."""
-
-    def after_trial(
-        self,
-        study: optuna.Study,
-        trial: optuna.trial.FrozenTrial,
-        state: optuna.trial.TrialState,
-        values: Sequence[float] | None,
-    ) -> None:
-        pass
-
-
-class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
-    """NSGAIISampler that survives pickling.
-
-    Ray Tune pickles its searcher, sampler included, when the Tuner is built and at every
-    experiment checkpoint. Optuna's genetic samplers hold a ``threading.Lock`` for their
-    generation cache (Optuna 5.1 on), which cannot be pickled; the cache is rebuilt from the
-    study, so a fresh lock after unpickling loses nothing."""
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        locks = [key for key, value in state.items() if isinstance(value, _LOCK_TYPES)]
-        for key in locks:
-            del state[key]
-        state["_unpicklable_locks"] = locks
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        for key in state.pop("_unpicklable_locks", []):
-            state[key] = threading.Lock()
-        self.__dict__.update(state)
-
-
-_LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
 
 
 # ------------------------------------------------------------------------------ the space
@@ -320,46 +233,6 @@ class SearchSpace:
     seeds: tuple[int, ...]
 
     # -- what the driver calls -----------------------------------------------------------
-    def suggest(self, trial: optuna.trial.BaseTrial) -> dict[str, Any]:
-        """Define-by-run: sample one trial's parameters from ``trial`` (an Optuna trial,
-        or Ray's wrapper of one) and return the complete trial config."""
-        if self._grid_points is not None:
-            index = trial.suggest_categorical(GRID_POINT, list(range(len(self._grid_points))))
-            return self._config(*self._grid_points[index])
-        as_grid = self.sampler == "grid"
-        method = self.methods[0]
-        if len(self.methods) > 1:
-            method = trial.suggest_categorical("method", list(self.methods))
-        variant = None
-        if self.variants:
-            variant = trial.suggest_categorical("variant", list(self.variants))
-        overridden = self.variants.get(variant, {})
-        values = {
-            key: param.suggest(trial, self.param_name(method, key), as_grid)
-            for key, param in self.search[method].items()
-            if key not in overridden
-        }
-        seed = None
-        if as_grid and len(self.seeds) > 1:
-            seed = trial.suggest_categorical("seed", list(self.seeds))
-        return self._config(method, variant, values, seed)
-
-    @staticmethod
-    def run_configs(config: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """The run_trial configs of one trial config (as suggested, or as Ray hands it over
-        with Optuna's parameter names merged in): search-only keys dropped, and one config
-        per seed where the trial averages several. Static, so a Ray worker needs no space:
-        ``SearchSpace.run_configs(config)``."""
-        clean = {
-            key: value
-            for key, value in config.items()
-            if key not in (GRID_POINT, "variant") and METHOD_PARAM_SEPARATOR not in key
-        }
-        seeds = clean.pop("seeds", None)
-        if seeds is None:
-            return [clean]
-        return [{**clean, "seed": seed} for seed in seeds]
-
     def metric_names(self) -> list[str]:
         """What Optuna/Ray optimise: ["objective"] or the pareto metrics."""
         if self.objective.kind == "joint":
@@ -371,32 +244,6 @@ class SearchSpace:
         if self.objective.kind == "joint":
             return ["max"]
         return list(self.objective.directions.values())
-
-    def make_sampler(self, seed: int) -> optuna.samplers.BaseSampler:
-        """The Optuna sampler this space asks for, seeded."""
-        if self.sampler == "grid":
-            return AskTellGridSampler(self._grid_axes(), seed=seed)
-        if self.sampler == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if self.sampler == "nsga2":
-            # Optuna's default population (50) exceeds most budgets here, which would make
-            # the whole search its random first generation; four generations at least.
-            population = max(4, min(50, self.num_samples // 4))
-            return PicklableNSGAIISampler(seed=seed, population_size=population)
-        # TPE: random start-up trials for a quarter of the budget (at most Optuna's 10);
-        # multivariate models interactions (lambda1 with lambda2); "group" lets it model the
-        # conditional parameters of multi-method spaces per method instead of falling back
-        # to independent sampling. Optuna flags "group" experimental: not news to a user.
-        startup = max(2, min(10, self.num_samples // 4))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(
-                seed=seed,
-                n_startup_trials=startup,
-                multivariate=True,
-                group=self.is_conditional,
-                constant_liar=True,  # concurrent trials: do not all sample the same spot
-            )
 
     def grid_size(self) -> int | None:
         """The number of grid points of a grid space (its default num_samples), else None."""
@@ -457,7 +304,7 @@ class SearchSpace:
         self, data_root: str | None = None, cache_dir: str | None = None
     ) -> dict[str, Any]:
         """Every trial setting, as the search's trials share them, for loading the features
-        once (`trainables.trial.load_resources`): loaded on the CPU, ``data_root`` and
+        once (`croft_search.trial.runner.load_resources`): loaded on the CPU, ``data_root`` and
         ``cache_dir`` (the command line's) over the space's."""
         settings = dict(TRIAL_SETTINGS)
         settings |= {key: self.setting(key) for key in SHARED_SETTINGS}
@@ -536,7 +383,7 @@ class SearchSpace:
     def _searched(self) -> set[str]:
         return {key for method in self.methods for key in self.search[method]}
 
-    def _config(
+    def config_for(
         self, method: str, variant: str | None, values: Mapping[str, Any], seed: int | None
     ) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -588,7 +435,7 @@ class SearchSpace:
         ]
 
     @functools.cached_property
-    def _grid_points(
+    def grid_points(
         self,
     ) -> list[tuple[str, str | None, dict[str, Any], int | None]] | None:
         """Every grid point, enumerated, where the grid is not one cartesian product
@@ -603,9 +450,9 @@ class SearchSpace:
                     points.append((method, variant, dict(zip(params, combo, strict=True)), seed))
         return points
 
-    def _grid_axes(self) -> dict[str, list[Any]]:
-        if self._grid_points is not None:
-            return {GRID_POINT: list(range(len(self._grid_points)))}
+    def grid_axes(self) -> dict[str, list[Any]]:
+        if self.grid_points is not None:
+            return {GRID_POINT: list(range(len(self.grid_points)))}
         axes: dict[str, list[Any]] = {}
         if len(self.methods) > 1:
             axes["method"] = list(self.methods)
@@ -927,41 +774,11 @@ class _Parser:
 
     # -- fixed values and settings -------------------------------------------------------
     def setting_value(self, key_path: str, key: str, value: Any) -> Any:
-        """A trial setting's value, checked the way run_trial would check it."""
-        if key in ("views", "view_seed", "val_shots"):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise self.fail(key_path, f"{key} must be an integer >= 0, got {value!r}")
-        elif key == "score":
-            if value is not None and value not in score_names():
-                raise self.fail(
-                    key_path,
-                    f"unknown OOD score {value!r} (known: {', '.join(score_names())}; "
-                    f"null = the method's default)",
-                )
-        elif key == "selection":
-            if value not in SELECTION_MODES:
-                raise self.fail(
-                    key_path, f"selection {value!r} unknown (use {', '.join(SELECTION_MODES)})"
-                )
-        elif key in PROTOCOL_CHOICES:
-            if value not in PROTOCOL_CHOICES[key]:
-                raise self.fail(
-                    key_path,
-                    f"{key} {value!r} unknown (use {', '.join(PROTOCOL_CHOICES[key])})",
-                )
-        elif key == "crop_scale":
-            try:
-                check_crop_scale(value)
-            except ConfigError as err:
-                raise self.fail(key_path, str(err)) from None
-        elif key == "test_open_sets":
-            try:
-                open_set_names({key: value})
-            except ConfigError as err:
-                raise self.fail(key_path, str(err)) from None
-        elif value is not None and not isinstance(value, str):
-            raise self.fail(key_path, f"{key} must be a string, got {value!r}")
-        return value
+        """A trial setting's value, checked as every trial checks it."""
+        try:
+            return check_setting(key, value)
+        except ConfigError as err:
+            raise self.fail(key_path, str(err)) from None
 
     def value_for(
         self, key_path: str, key: str, value: Any, methods: Sequence[str], top_level: bool
@@ -998,11 +815,13 @@ class _Parser:
     def fixed_block(
         self, value: Any, where: str, methods: Sequence[str], top_level: bool
     ) -> dict[str, Any]:
+        return self.each(value, where, lambda path, key, item: self.value_for(
+            path, key, item, methods, top_level))  # fmt: skip
+
+    def each(self, value: Any, where: str, check: Any) -> dict[str, Any]:
+        """A mapping block with ``check(key_path, key, value)`` applied to every entry."""
         block = self.mapping(value, where)
-        return {
-            key: self.value_for(f"{where}.{key}", key, item, methods, top_level)
-            for key, item in block.items()
-        }
+        return {key: check(f"{where}.{key}", key, item) for key, item in block.items()}
 
     def mapping(self, value: Any, where: str) -> dict[str, Any]:
         if value is None:
@@ -1028,11 +847,8 @@ class _Parser:
     def search_block(
         self, value: Any, where: str, methods: Sequence[str], sampler: str
     ) -> dict[str, Param]:
-        block = self.mapping(value, where)
-        return {
-            key: self.param(f"{where}.{key}", key, item, methods, sampler)
-            for key, item in block.items()
-        }
+        return self.each(value, where, lambda path, key, item: self.param(
+            path, key, item, methods, sampler))  # fmt: skip
 
     def param(
         self, key_path: str, key: str, raw: Any, methods: Sequence[str], sampler: str

@@ -1,0 +1,524 @@
+"""The Ray Tune engine: Optuna (through Ray Tune's OptunaSearch) proposes configurations of a
+search space, Ray Tune runs them as trials on fractional GPUs or CPUs (locally or on a
+cluster), ASHA stops weak trials early where the space asks for it, and every trial event
+goes to the search's `Recorder`, in the driver only.
+
+Features are loaded (or encoded) once in the driver and shipped to every trial through Ray's
+object store, so workers on other nodes need neither the images nor the cache. A trial whose
+node dies is run again from its start on a node that lives (`NODE_FAILURE_RETRIES`); a
+trial's own error (a diverged loss, a bad value) is a result, recorded as failed, not
+retried.
+
+Folder of a search (`croft_search.search.folder`): ``STORAGE/<space>/<name>/`` holds Ray
+Tune's experiment state (for ``--resume``), ``trials.parquet``, ``optuna.db`` (the Optuna
+study, for optuna-dashboard), ``search.json`` and ``space.yaml``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from croft_search.contract import JOINT_METRIC, SUMMARY_FILE, is_metric
+from croft_search.errors import ConfigError, CroftError
+from croft_search.fronts import pareto_ranks
+from croft_search.search.folder import check_same_space, create_folder, resolve_folder
+from croft_search.search.optuna_bridge import make_sampler, run_configs, suggest
+from croft_search.search.recorder import Recorder
+from croft_search.search.space import SearchSpace
+from croft_search.trial.runner import TrialResources, load_resources, run_trial
+
+TUNE_FILE_LOGGERS_SWITCH = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+# A trial reports once per epoch, then once more with its final (test) metrics: ASHA's
+# max_t, counted in reports, is the space's epoch bound plus this, so ASHA never stops a
+# trial between its last epoch and its final report.
+FINAL_REPORTS = 1
+# How often a trial runs again after its node (or its worker process) died.
+NODE_FAILURE_RETRIES = 2
+
+
+@dataclass
+class SearchOptions:
+    """How to run a search (not what to search: that is the space)."""
+
+    storage: Path = Path("runs")
+    name: str | None = None
+    resume: bool = False
+    num_samples: int | None = None
+    max_concurrent: int | None = None
+    gpus_per_trial: float | None = None  # None: 0.25 where CUDA is present, else 0
+    cpus_per_trial: float = 1.0
+    address: str | None = None
+    tracking_uri: str | None = None
+    selection: str | None = None  # None: the space's own (fixed: {selection: ...}), else val
+    data_root: str | None = None
+    cache_dir: str | None = None
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+    verbose: int = 1
+
+
+@dataclass
+class SearchOutcome:
+    folder: Path
+    trials: int
+    failed: int
+    best: list[dict[str, Any]]
+    tracking_uri: str
+    parent_run_id: str
+    search_seconds: float = 0.0  # wall time of the trials phase (after features are loaded)
+
+
+# --------------------------------------------------------------------------- the trial side
+def run_sampled_trial(
+    config: Mapping[str, Any],
+    resources: TrialResources | None,
+    device: str,
+    report: Callable[[dict[str, Any]], None],
+    recorded: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One sampled trial, engine-neutral: ``report`` gets every epoch's validation metrics
+    (``final`` 0) and returns nothing; the return value is the final result, ``final`` 1
+    with its ``status`` ("ok", "failed" with a one-line ``error``, or a replayed
+    "stopped").
+
+    ``recorded`` is the trial's row where the search already holds one (a resumed engine
+    can bring back as unfinished a trial that finished just before the driver died): the
+    recorded result is returned instead of training again."""
+    if recorded is not None:
+        metrics = {k: v for k, v in recorded.items() if is_metric(k) and not _missing(v)}
+        return {**metrics, "final": 1, "status": recorded["status"],
+                "error": recorded.get("error") or "", "node": recorded.get("node", "")}  # fmt: skip
+    runs = run_configs(config)
+    started = time.perf_counter()
+    try:
+        if len(runs) == 1:
+            result = run_trial(
+                {**runs[0], "device": device},
+                resources,
+                report=lambda row: report({**row, "final": 0}),
+            )
+        else:
+            # Several seeds per trial: their mean is the trial's result (no per-epoch reports,
+            # so ASHA sees only the final one).
+            result = _mean_result([run_trial({**run, "device": device}, resources) for run in runs])
+    except Exception as err:  # noqa: BLE001 - every trial error is recorded, the search goes on
+        message = " ".join(str(err).split()) or type(err).__name__
+        return {"final": 1, "status": "failed", "error": f"{type(err).__name__}: {message}"}
+    # Time inside run_trial, so a benchmark can tell trial work from search overhead.
+    result["trial_seconds"] = time.perf_counter() - started
+    return {**result, "final": 1, "status": "ok", "error": ""}
+
+
+def trial_function(
+    config: dict[str, Any],
+    resources: TrialResources,
+    device: str,
+    threads: int,
+    finished: dict[str, dict[str, Any]] | None = None,
+    metrics: tuple[str, ...] = (JOINT_METRIC,),
+) -> None:
+    """What a Ray worker runs for one trial: `run_sampled_trial` reporting through Ray.
+    A failed trial's final report holds ``metrics`` (the searcher's and the scheduler's)
+    as NaN, since Ray refuses a result without them."""
+    import ray
+    from ray import tune
+
+    torch.set_num_threads(threads)
+    # Host name alone cannot tell two Ray nodes on one machine apart; the node id can.
+    node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+    recorded = (finished or {}).get(tune.get_context().get_trial_id())
+    if device != "cpu" and recorded is None:
+        resources.backbone.model.to(device)
+    final = run_sampled_trial(
+        config, resources, device, lambda row: tune.report({**row, "node": node}), recorded
+    )
+    if final["status"] == "failed":
+        final = {**dict.fromkeys(metrics, math.nan), **final}
+    tune.report({"node": node, **final})
+
+
+def _mean_result(results: list[dict[str, Any]]) -> dict[str, Any]:
+    merged = dict(results[0])
+    for key, value in results[0].items():
+        if isinstance(value, float):
+            merged[key] = sum(r[key] for r in results) / len(results)
+    return merged
+
+
+# --------------------------------------------------------------------------- the driver side
+@dataclass(frozen=True)
+class Suggest:
+    """Optuna's define-by-run space; a module-level class so Ray can pickle the searcher
+    into the experiment state (a lambda cannot be pickled)."""
+
+    space: SearchSpace
+    selection: str
+
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        return suggest(self.space, trial) | {"selection": self.selection}
+
+
+def _ray_classes() -> tuple[type, type, type]:
+    """Ray's plug-in classes, made when Ray is imported (the driver only): the callback that
+    turns Ray's trial events into the recorder's, the stopper, and the searcher."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    class RecordTrials(tune.Callback):
+        """Ray's trial events -> `Recorder`. Holds only plain settings so Ray can pickle it
+        into the experiment state; opens the recorder in setup(), which also runs after a
+        resume."""
+
+        def __init__(self, folder: Path, space: SearchSpace) -> None:
+            self.folder, self.space = Path(folder), space
+
+        def setup(self, **info: Any) -> None:
+            self.recorder = Recorder(self.folder, self.space)
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {"folder": self.folder, "space": self.space}
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
+            self.recorder.trial_started(trial.trial_id, trial.config)
+
+        def on_trial_recover(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
+            self.recorder.trial_restarted(trial.trial_id)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:  # noqa: ANN001
+            if not result.get("final"):
+                self.recorder.trial_epoch(trial.trial_id, trial.config, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
+            result = trial.last_result or {}
+            where = {"node": str(result.get("node", "")), "attempts": trial.num_failures + 1}
+            status = result.get("status", "ok") if result.get("final") else "stopped"
+            if status == "failed":
+                self.recorder.trial_failed(
+                    trial.trial_id, trial.config, result.get("error", ""), **where
+                )
+            elif status == "stopped":
+                self.recorder.trial_stopped(trial.trial_id, trial.config, result, **where)
+            else:
+                self.recorder.trial_finished(trial.trial_id, trial.config, result, **where)
+
+        def on_experiment_end(self, trials, **info) -> None:  # noqa: ANN001
+            self.recorder.table.flush()
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
+            # Only an error outside the trial's code (its retries spent) reaches here.
+            result = trial.last_result or {}
+            self.recorder.trial_failed(
+                trial.trial_id, trial.config, _error_line(trial), result,
+                node=str(result.get("node", "")), attempts=trial.num_failures,
+            )  # fmt: skip
+
+    class AllTrialsRecorded(tune.Stopper):
+        """Ends the search once every sample has its row. After a resume, Ray Tune's
+        searcher proposes again the samples it had proposed after its last saved state;
+        their rows are already there, so they must not run as new trials. Reads the count
+        from the folder: Ray restores the stopper and the callbacks as separate copies."""
+
+        def __init__(self, folder: Path, total: int) -> None:
+            self.folder, self.total = Path(folder), total
+
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return Recorder.recorded_count(self.folder) >= self.total
+
+    class FailedIsFailSearch(OptunaSearch):
+        """OptunaSearch that tells a trial whose own code failed (a final result with
+        status "failed") as FAIL, as it tells an errored trial."""
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                              error: bool = False) -> None:  # fmt: skip
+            if result and result.get("status") == "failed":
+                result, error = None, True
+            super().on_trial_complete(trial_id, result, error)
+
+    return RecordTrials, AllTrialsRecorded, FailedIsFailSearch
+
+
+@contextlib.contextmanager
+def _without_tune_result_files() -> Iterator[None]:
+    """Ray Tune writes every result of every trial to its own CSV, JSON and TensorBoard
+    files from the driver, on top of trials.parquet and MLflow: only driver CPU taken from
+    the trials beside it. Its switch is an environment variable read when fit() starts."""
+    previous = os.environ.get(TUNE_FILE_LOGGERS_SWITCH)
+    os.environ[TUNE_FILE_LOGGERS_SWITCH] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(TUNE_FILE_LOGGERS_SWITCH, None)
+        else:
+            os.environ[TUNE_FILE_LOGGERS_SWITCH] = previous
+
+
+def _error_line(trial) -> str:  # noqa: ANN001
+    """The last line of Ray's error file of ``trial`` (why its worker or node died)."""
+    text = ""
+    try:
+        if trial.error_file and Path(trial.error_file).exists():
+            text = Path(trial.error_file).read_text()
+        else:
+            text = str(trial.get_pickled_error() or "")
+    except Exception:  # noqa: BLE001 - a missing error file must not break the search
+        text = ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "trial failed (see Ray's error file)"
+
+
+# --------------------------------------------------------------------------- the search
+@dataclass
+class _Plan:
+    """Everything decided before Ray starts."""
+
+    space: SearchSpace
+    folder: Path
+    name: str
+    gpus: float
+    device: str
+    selection: str
+
+
+def _plan(space: SearchSpace, options: SearchOptions) -> _Plan:
+    """The command line applied to the space and checked, before anything starts."""
+    space = space.with_overrides(num_samples=options.num_samples, fixed_overrides=options.overrides)
+    folder, name = resolve_folder(space, options.storage, options.name, options.resume)
+    if options.resume:
+        check_same_space(space, folder)
+    gpus = _gpus_per_trial(options)
+    if options.cpus_per_trial <= 0:
+        raise ConfigError(f"--cpus-per-trial must be > 0, got {options.cpus_per_trial}")
+    if options.max_concurrent is not None and options.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {options.max_concurrent}")
+    if options.address:
+        _check_reachable(options.address)
+    device = "cuda" if gpus > 0 else "cpu"
+    return _Plan(space, folder, name, gpus, device, _selection(space, options.selection))
+
+
+def _selection(space: SearchSpace, requested: str | None) -> str:
+    """The selection mode every trial records: the command line's, else the space's."""
+    own = str(space.setting("selection"))
+    if requested is None:
+        return own
+    if requested != own and own == "oracle":
+        # The space's objective reads test metrics; labelling its trials "val" would hide it.
+        raise ConfigError(
+            f"space {space.name} selects by test metrics (fixed: {{selection: oracle}}); "
+            f"--selection {requested} contradicts it"
+        )
+    return requested
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once on an address nothing listens at: ray.init keeps retrying it for
+    minutes. Only plain HOST:PORT (a head's GCS) is probed; "auto" and ray:// are Ray's."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(
+            f"no Ray cluster answers at {address} ({err.strerror or err}); start one with "
+            "`ray start --head` and pass the address it prints"
+        ) from None
+
+
+def _check_cluster_fits(cluster: dict[str, float], gpus: float, cpus: float) -> None:
+    """A trial asking for more GPUs or CPUs than the whole Ray cluster has never starts."""
+    have_gpus, have_cpus = cluster.get("GPU", 0.0), cluster.get("CPU", 0.0)
+    if gpus > 0 and have_gpus < gpus:
+        raise ConfigError(
+            f"--gpus-per-trial {gpus:g} but the Ray cluster has {have_gpus:g} GPU(s); "
+            "pass --gpus-per-trial 0 to run on CPUs"
+        )
+    if have_cpus < cpus:
+        raise ConfigError(f"--cpus-per-trial {cpus:g} but the Ray cluster has {have_cpus:g} CPU(s)")
+
+
+def _gpus_per_trial(options: SearchOptions) -> float:
+    if options.gpus_per_trial is not None:
+        if options.gpus_per_trial < 0:
+            raise ConfigError(f"--gpus-per-trial must be >= 0, got {options.gpus_per_trial}")
+        return options.gpus_per_trial
+    return 0.25 if torch.cuda.is_available() else 0.0
+
+
+def _scheduler(space: SearchSpace) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if not space.scheduler:
+        return FIFOScheduler()
+    asha = dict(space.scheduler)
+    asha["max_t"] = int(asha.get("max_t", space.max_epochs())) + FINAL_REPORTS
+    return ASHAScheduler(time_attr="training_iteration", metric=JOINT_METRIC, mode="max", **asha)
+
+
+def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources) -> Any:
+    """A new Tuner for the plan, or the one a resumed search restores from its folder."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    space = plan.space
+    finished = {}
+    if options.resume:
+        finished = {
+            row["trial_id"]: row for row in Recorder(plan.folder, space, echo=False).table.rows
+        }
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            trial_function,
+            resources=resources,
+            device=plan.device,
+            threads=max(1, int(options.cpus_per_trial)),
+            finished=finished,
+            metrics=tuple(dict.fromkeys([*space.metric_names(), JOINT_METRIC])),
+        ),
+        {"cpu": options.cpus_per_trial, "gpu": plan.gpus},
+    )
+    record_trials, all_recorded, searcher_class = _ray_classes()
+    if options.resume:
+        return tune.Tuner.restore(
+            str(plan.folder), trainable, resume_unfinished=True, resume_errored=False
+        )
+    metrics, modes = space.metric_names(), space.modes()
+    searcher = searcher_class(
+        space=Suggest(space, plan.selection),
+        metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0],
+        sampler=make_sampler(space, options.seed),
+        study_name=plan.name,
+    )
+    if options.max_concurrent:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=options.max_concurrent)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=_scheduler(space),
+            num_samples=space.num_samples,
+            # One worker process per concurrent slot, reused trial after trial: a fresh
+            # process per trial re-imports torch and re-fetches the features, which took
+            # more than half of a small search's wall time.
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=str(plan.folder.parent),
+            callbacks=[record_trials(plan.folder, space)],
+            stop=all_recorded(plan.folder, space.num_samples),
+            verbose=options.verbose,
+            failure_config=tune.FailureConfig(max_failures=NODE_FAILURE_RETRIES),
+        ),
+    )
+
+
+def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
+    """Run (or resume) a search of ``space``; returns where it wrote and the best trials."""
+    import ray
+
+    plan = _plan(space, options)
+    # Loading features first: a missing dataset or backbone fails here, before Ray starts.
+    resources = load_resources(
+        plan.space.feature_settings(options.data_root, options.cache_dir),
+        plan.space.target_domain_list(),
+        progress=True,
+    )
+    ray.init(
+        address=options.address,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=True,
+        logging_level="ERROR",
+        ignore_reinit_error=True,
+    )
+    try:
+        # Before anything is written: a request no node can meet would wait forever.
+        _check_cluster_fits(ray.cluster_resources(), plan.gpus, options.cpus_per_trial)
+        if not options.resume:
+            create_folder(plan.folder, plan.name, plan.space, options.tracking_uri,
+                          plan.selection, _parent_params(plan, options))  # fmt: skip
+        tuner = _tuner(plan, options, resources)
+        fit_started = time.perf_counter()
+        with _without_tune_result_files():
+            tuner.fit()
+        search_seconds = time.perf_counter() - fit_started
+    finally:
+        ray.shutdown()
+    return _finish(plan, search_seconds)
+
+
+def _parent_params(plan: _Plan, options: SearchOptions) -> dict[str, Any]:
+    return {
+        "space": plan.space.name,
+        "num_samples": plan.space.num_samples,
+        "sampler": plan.space.sampler,
+        "selection": plan.selection,
+        "gpus_per_trial": plan.gpus,
+        "cpus_per_trial": options.cpus_per_trial,
+    }
+
+
+def _finish(plan: _Plan, search_seconds: float) -> SearchOutcome:
+    """The search's summary, written to its folder and its MLflow parent run."""
+    import json
+
+    recorder = Recorder(plan.folder, plan.space, echo=False)
+    frame = recorder.table.frame()
+    ok = frame[frame["status"] == "ok"] if len(frame) else frame
+    best = _best_rows(ok, plan.space)
+    summary = {
+        "trials": len(frame),
+        "failed": int((frame.get("status") == "failed").sum()) if len(frame) else 0,
+        "best": best,
+    }
+    (plan.folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    recorder.close(summary)
+    meta = recorder.meta
+    return SearchOutcome(plan.folder, len(frame), summary["failed"], best, meta.tracking_uri,
+                         meta.parent_run_id, search_seconds)  # fmt: skip
+
+
+def _best_rows(ok, space: SearchSpace) -> list[dict[str, Any]]:  # noqa: ANN001
+    """The best trial by validation (joint objective), or the validation Pareto set."""
+    if not len(ok):
+        return []
+    metrics, modes = space.metric_names(), space.modes()
+    if len(metrics) == 1:
+        chosen = ok.sort_values(metrics[0], ascending=modes[0] == "min").head(1)
+    else:
+        ranks = pareto_ranks(ok[metrics].to_numpy(), maximize=[m == "max" for m in modes])
+        chosen = ok[ranks == 0]
+    keep = [
+        c
+        for c in chosen.columns
+        if c.startswith(("config/", "val_", "test_")) or c in ("trial_id", "method", "objective")
+    ]
+    return [
+        {k: (None if _missing(v) else v) for k, v in row.items()}
+        for row in chosen[keep].to_dict("records")
+    ]
+
+
+def _missing(value: Any) -> bool:
+    import pandas as pd
+
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+__all__ = ["SearchOptions", "SearchOutcome", "run_search", "run_sampled_trial", "CroftError"]
