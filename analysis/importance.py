@@ -23,6 +23,7 @@ from optuna.distributions import (
 )
 
 from analysis.objectives import Objective
+from croft_search.contract import config_key
 
 __all__ = [
     "EVALUATORS",
@@ -70,7 +71,7 @@ def study_from_trials(
     for column in params:
         distribution = infer_distribution(trials[column])
         if distribution is not None:
-            name = column.removeprefix("config/")
+            name = config_key(column) or column
             distributions[name] = distribution
             column_of[name] = column
     study = optuna.create_study(direction="maximize" if maximize else "minimize")
@@ -98,7 +99,7 @@ def varying_params(trials: pd.DataFrame) -> list[str]:
     return [
         column
         for column in trials.columns
-        if str(column).startswith("config/") and infer_distribution(trials[column]) is not None
+        if config_key(column) and infer_distribution(trials[column]) is not None
     ]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from croft_search.contract import SEARCH_FILE, TRIALS_FILE
+from croft_search.contract import SEARCH_FILE, TRIALS_FILE, config_column
 from croft_search.errors import ConfigError
 
 __all__ = [
@@ -106,11 +106,6 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
     for column in COLUMN_DEFAULTS:
         frame[column] = frame[column].fillna("").astype(str)
     frame["status"] = frame["status"].str.lower()
-    # Config values of one key with mixed types are stored as strings by the search (Parquet
-    # needs one type per column): give numbers back where every value is one.
-    for column in frame.columns:
-        if str(column).startswith("config/") and frame[column].dtype == object:
-            frame[column] = _parse_param(frame[column])
     return frame
 
 
@@ -170,7 +165,7 @@ def load_mlflow_trials(
     for column in runs.columns:
         if column.startswith("params."):
             key = column[len("params.") :]
-            frame[f"config/{key}"] = _parse_param(runs[column])
+            frame[config_column(key)] = _parse_param(runs[column])
         elif column.startswith("metrics."):
             frame[column[len("metrics.") :]] = runs[column].astype(float)
     frame["method"] = _first_present(runs, ("tags.method", "params.method"), "unknown")
@@ -178,8 +173,8 @@ def load_mlflow_trials(
     frame["status"] = _first_present(runs, ("tags.status",), None).fillna(mlflow_status)
     frame["selection"] = _first_present(runs, ("params.selection", "tags.selection"), "val")
     for column in ("seed",):
-        if f"config/{column}" in frame.columns:
-            frame[column] = frame[f"config/{column}"]
+        if config_column(column) in frame.columns:
+            frame[column] = frame[config_column(column)]
     frame = _normalise(frame)
     frame.insert(0, "source", experiment)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from croft_search.contract import metric_direction
+from croft_search.contract import config_key, metric_direction
 from croft_search.errors import ConfigError
 
 __all__ = [
@@ -55,7 +55,7 @@ def metric_columns(frame: pd.DataFrame) -> list[str]:
     return [
         column
         for column in frame.columns
-        if not str(column).startswith("config/")
+        if config_key(column) is None
         and column not in NOT_METRICS
         and pd.api.types.is_numeric_dtype(frame[column])
         and not pd.api.types.is_bool_dtype(frame[column])

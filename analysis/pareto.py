@@ -13,43 +13,36 @@ trials.parquet file; several are compared on one plot. Also runs as
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a script: Python put analysis/ first on sys.path, where tables.py & co. could
-    # shadow top-level packages (PyTables is `tables`); import from the repository root.
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+import numpy as np
+import pandas as pd
 
-import argparse  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from analysis.importance import EVALUATORS, importance_table  # noqa: E402
-from analysis.load import (  # noqa: E402
+from analysis.importance import EVALUATORS, importance_table
+from analysis.load import (
     SearchSource,
     load_mlflow_trials,
     load_trials,
     ok_trials,
     status_counts,
-)  # noqa: E402
-from analysis.model import Analysis, FrontSummary  # noqa: E402
-from analysis.objectives import (  # noqa: E402
+)
+from analysis.model import Analysis, FrontSummary
+from analysis.objectives import (
     Objective,
     default_reference_point,
     metric_columns,
     parse_objectives,
     parse_reference_point,
 )
-from analysis.plots import plot_fronts  # noqa: E402
-from analysis.report import front_markdown, log_to_parent_run, report_html  # noqa: E402
-from analysis.tables import ablation_table, selection_table  # noqa: E402
-from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error  # noqa: E402
-from croft_search.fronts import hypervolume, knee_point, pareto_ranks  # noqa: E402
+from analysis.plots import plot_fronts
+from analysis.report import front_markdown, log_to_parent_run, report_html
+from analysis.result_tables import ablation_table, selection_table
+from croft_search.contract import config_key
+from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
+from croft_search.fronts import hypervolume, knee_point, pareto_ranks
 
 __all__ = [
     "Analysis",
@@ -219,7 +212,7 @@ def _front_columns(ranked: pd.DataFrame, group_column: str, names: Sequence[str]
     varying = [
         column
         for column in ranked.columns
-        if str(column).startswith("config/") and ranked[column].nunique(dropna=True) > 1
+        if config_key(column) and ranked[column].nunique(dropna=True) > 1
     ]
     return [*dict.fromkeys([*identity, *names])] + varying[:FRONT_CONFIG_COLUMNS]
 
@@ -240,9 +233,9 @@ def _summarise(
     knee = front["trial_id"].iloc[knee_point(values, maximize)] if len(front) else None
     table = front[list(shown)].copy()
     for column in table.columns:
-        if str(column).startswith("config/"):
+        if config_key(column):
             table[column] = _integers_as_int(table[column])
-    table = table.rename(columns=lambda c: str(c).removeprefix("config/"))
+    table = table.rename(columns=lambda c: config_key(c) or c)
     return FrontSummary(
         group=group,
         front=table.reset_index(drop=True),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.model import Analysis, FrontSummary
-from analysis.tables import ORACLE, format_cell, objectives_note, to_html, to_markdown
+from analysis.result_tables import ORACLE, format_cell, objectives_note, to_html, to_markdown
 
 __all__ = ["front_markdown", "report_html", "log_to_parent_run"]
 

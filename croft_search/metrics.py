@@ -29,6 +29,7 @@ __all__ = [
     "fpr_at_recall_nearest",
     "fpr_at_percentile",
     "joint_objective",
+    "joint_objectives",
 ]
 
 # ----------------------------------------------------------------------------- input checks
@@ -268,9 +269,25 @@ def joint_objective(acc: float, auroc: float, weight: float = DEFAULT_OBJECTIVE_
     Both inputs must be fractions in [0, 1] (an accuracy in percent is rejected rather
     than allowed to dominate the sum).
     """
-    for name, value in (("weight", weight), ("acc", acc), ("auroc", auroc)):
+    for name, value in (("acc", acc), ("auroc", auroc)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
         if not 0.0 <= float(value) <= 1.0:  # also rejects NaN
             raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
-    return float(weight) * float(acc) + (1.0 - float(weight)) * float(auroc)
+    return float(joint_objectives([float(acc)], [float(auroc)], weight)[0])
+
+
+def joint_objectives(acc: Any, auroc: Any, weight: float = DEFAULT_OBJECTIVE_WEIGHT) -> np.ndarray:
+    """`joint_objective` of many trials at once (arrays or Series of equal length); NaN
+    where either metric is missing, an error for a present value outside [0, 1]."""
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight <= 1:
+        raise ConfigError(f"weight must be a number in [0, 1], got {weight!r}")
+    acc = np.asarray(acc, dtype=np.float64)
+    auroc = np.asarray(auroc, dtype=np.float64)
+    for name, values in (("acc", acc), ("auroc", auroc)):
+        present = values[~np.isnan(values)]
+        if ((present < 0) | (present > 1)).any():
+            raise ConfigError(
+                f"{name} must be in [0, 1], got {present[(present < 0) | (present > 1)][0]!r}"
+            )
+    return float(weight) * acc + (1.0 - float(weight)) * auroc

@@ -9,11 +9,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from croft_search.contract import DEFAULT_SPACE, TRIALS_FILE
+from croft_search.contract import DEFAULT_SPACE, TRIALS_FILE, config_key
 from croft_search.errors import OneLineArgumentParser, exit_on_user_error
 from croft_search.search.ray_engine import SearchOptions, run_search
 from croft_search.search.space import load_space, space_names
 from croft_search.train import parse_assignments
+
+# Config keys every trial of a search shares: not repeated for the best trial.
+SHARED_BY_EVERY_TRIAL = ("dataset", "backbone", "pretrained", "selection")
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -90,10 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{label}:")
     for row in outcome.best:
         config = {
-            k[7:]: v
+            config_key(k): v
             for k, v in row.items()
-            if k.startswith("config/")
-            and k[7:] not in ("dataset", "backbone", "pretrained", "selection")
+            if config_key(k) not in (None, *SHARED_BY_EVERY_TRIAL)
         }
         val = ", ".join(f"{k} {row[k]:.3f}" for k in ("val_acc", "val_auroc") if k in row)
         test = ", ".join(

@@ -22,7 +22,7 @@ from analysis import pareto, report
 from analysis.importance import importance_table, infer_distribution
 from analysis.objectives import Objective, metric_direction, parse_objectives
 from analysis.plots import staircase
-from analysis.tables import ORACLE, ORACLE_GAP, VAL_SELECTED, ablation_table, selection_table
+from analysis.result_tables import ORACLE, ORACLE_GAP, VAL_SELECTED, ablation_table, selection_table
 from croft_search.errors import ConfigError
 from croft_search.fronts import hypervolume, knee_point, pareto_ranks, pareto_ranks_bruteforce
 

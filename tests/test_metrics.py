@@ -19,6 +19,7 @@ from croft_search.metrics import (
     auroc,
     fpr_at_tpr,
     joint_objective,
+    joint_objectives,
     ood_metrics,
 )
 
@@ -244,3 +245,15 @@ def test_joint_objective():
 def test_joint_objective_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         joint_objective(**kwargs)
+
+
+def test_joint_objectives_of_many_trials_match_the_scalar_and_keep_missing_ones():
+    acc = [0.8, 0.1, math.nan, 1.0]
+    auroc = [0.6, 0.9, 0.5, math.nan]
+    got = joint_objectives(acc, auroc, weight=0.3)
+    assert got[:2].tolist() == [joint_objective(0.8, 0.6, 0.3), joint_objective(0.1, 0.9, 0.3)]
+    assert math.isnan(got[2]) and math.isnan(got[3])
+    with pytest.raises(ConfigError, match="acc must be in"):
+        joint_objectives([0.5, 97.0], [0.5, 0.5])
+    with pytest.raises(ConfigError, match="weight"):
+        joint_objectives([0.5], [0.5], weight=2)

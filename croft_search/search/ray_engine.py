@@ -28,7 +28,14 @@ from typing import Any
 
 import torch
 
-from croft_search.contract import JOINT_METRIC, SUMMARY_FILE, is_metric
+from croft_search.contract import (
+    JOINT_METRIC,
+    SUMMARY_FILE,
+    TEST_PREFIX,
+    VAL_PREFIX,
+    config_key,
+    is_metric,
+)
 from croft_search.errors import ConfigError, CroftError
 from croft_search.fronts import pareto_ranks
 from croft_search.search.folder import check_same_space, create_folder, resolve_folder
@@ -42,6 +49,8 @@ TUNE_FILE_LOGGERS_SWITCH = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 # max_t, counted in reports, is the space's epoch bound plus this, so ASHA never stops a
 # trial between its last epoch and its final report.
 FINAL_REPORTS = 1
+# What a search's summary shows of its best trials besides config, val_* and test_* values.
+BEST_ROW_KEYS = ("trial_id", "method", JOINT_METRIC)
 # How often a trial runs again after its node (or its worker process) died.
 NODE_FAILURE_RETRIES = 2
 
@@ -507,7 +516,7 @@ def _best_rows(ok, space: SearchSpace) -> list[dict[str, Any]]:  # noqa: ANN001
     keep = [
         c
         for c in chosen.columns
-        if c.startswith(("config/", "val_", "test_")) or c in ("trial_id", "method", "objective")
+        if config_key(c) or c.startswith((VAL_PREFIX, TEST_PREFIX)) or c in BEST_ROW_KEYS
     ]
     return [
         {k: (None if _missing(v) else v) for k, v in row.items()}

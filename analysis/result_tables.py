@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.objectives import Objective
-from croft_search.contract import DEFAULT_OBJECTIVE_WEIGHT
+from croft_search.contract import DEFAULT_OBJECTIVE_WEIGHT, TEST_PREFIX, config_column
+from croft_search.metrics import joint_objectives
 
 __all__ = [
     "VAL_SELECTED",
@@ -34,7 +35,7 @@ REPORTED_TEST_METRICS = ("test_acc", "test_auroc", "test_fpr95")
 def objective_weight(frame: pd.DataFrame) -> float:
     """The accuracy weight of the joint objective the search used: `config/objective_weight`
     when the trials record a single value, else joint_objective's default 0.5."""
-    column = "config/objective_weight"
+    column = config_column("objective_weight")
     if column in frame.columns:
         values = pd.to_numeric(frame[column], errors="coerce").dropna().unique()
         if len(values) == 1:
@@ -60,11 +61,16 @@ def selection_table(
         ]
     weight = objective_weight(frame) if weight is None else weight
     test_metrics = [m for m in REPORTED_TEST_METRICS if m in frame.columns]
-    test_metrics += [m for m in extra_metrics if m.startswith("test_") and m not in test_metrics]
+    test_metrics += [
+        m for m in extra_metrics if m.startswith(TEST_PREFIX) and m not in test_metrics
+    ]
     score_name = f"test objective ({weight:g}·acc + {1 - weight:g}·auroc)"
     rows = []
     for group, members in frame.groupby(group_column, sort=True):
-        test_score = weight * members["test_acc"] + (1 - weight) * members["test_auroc"]
+        test_score = pd.Series(
+            joint_objectives(members["test_acc"], members["test_auroc"], weight),
+            index=members.index,
+        )
         validated = members[(members["selection"] == "val") & members["objective"].notna()] \
             if "objective" in members.columns else members.iloc[:0]  # fmt: skip
         oracle_pool = test_score.dropna()
@@ -117,7 +123,7 @@ def _float(value: object) -> float:
 def ablation_table(
     frame: pd.DataFrame,
     metrics: Sequence[str],
-    variant_column: str = "config/variant",
+    variant_column: str = config_column("variant"),
     reference_variant: str = "full",
 ) -> tuple[pd.DataFrame, list[str]]:
     """Mean and sample standard deviation over seeds of each metric per variant (per method
