@@ -43,13 +43,7 @@ class CoCoOp(Method):
 
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__(context, hp)
-        self.prompt_learner = PromptLearner(
-            context.text_encoder,
-            context.classnames,
-            hp["n_ctx"],
-            init_words=hp["ctx_init"],
-            seed=hp["seed"],
-        )
+        self.prompt_learner = PromptLearner.from_hparams(context, hp)
         hidden = max(1, context.embed_dim // META_NET_REDUCTION)
         self.meta_net = nn.Sequential(
             nn.Linear(context.embed_dim, hidden),

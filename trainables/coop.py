@@ -44,14 +44,8 @@ class CoOp(Method):
 
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__(context, hp)
-        self.prompt_learner = PromptLearner(
-            context.text_encoder,
-            context.classnames,
-            hp["n_ctx"],
-            init_words=hp["ctx_init"],
-            class_specific=hp["class_specific"],
-            class_position=hp["class_position"],
-            seed=hp["seed"],
+        self.prompt_learner = PromptLearner.from_hparams(
+            context, hp, class_specific=hp["class_specific"], class_position=hp["class_position"]
         )
 
     def logits(self, features: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:

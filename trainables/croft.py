@@ -193,13 +193,7 @@ class CRoFT(Method):
 
         self.prompt_learner: PromptLearner | None = None
         if hp["n_ctx"] > 0:
-            self.prompt_learner = PromptLearner(
-                context.text_encoder,
-                context.classnames,
-                hp["n_ctx"],
-                init_words=hp["ctx_init"],
-                seed=hp["seed"],
-            )
+            self.prompt_learner = PromptLearner.from_hparams(context, hp)
         self.register_buffer("class_text", context.class_text.detach().clone(), persistent=False)
 
     def _adapter(self, name: str, init: torch.Tensor, trains: bool) -> None:

@@ -10,7 +10,8 @@ e.g. MobileCLIP, PE-Core, SigLIP). The forward pass mirrors open_clip's own: tok
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from open_clip.transformer import text_global_pool
@@ -130,6 +131,14 @@ class PromptLearner(nn.Module):
     ``forward(bias)`` returns text features [K, d]; with a bias it returns one prompt set per
     row, [B, K, d]: a bias [B, w] is added to every context vector (CoCoOp's meta-net), a bias
     [B, M, w] to each context slot separately (DPLCLIP's generated context)."""
+
+    @classmethod
+    def from_hparams(cls, context: Any, hp: Mapping[str, Any], **options: Any) -> PromptLearner:
+        """The learner a prompt method's hyper-parameters ask for: ``n_ctx`` context tokens
+        initialised from ``ctx_init`` (random where empty), seeded by ``seed``, over the
+        trial's classes (``context``: the method's MethodContext)."""
+        return cls(context.text_encoder, context.classnames, hp["n_ctx"],
+                   init_words=hp["ctx_init"], seed=hp["seed"], **options)  # fmt: skip
 
     def __init__(
         self,
