@@ -159,12 +159,19 @@ class StudyMirror:
         self.space = space
         self.metrics = space.metric_names()
         directions = study_directions(space)
-        self.study = optuna.create_study(
-            storage=f"sqlite:///{Path(folder) / OPTUNA_FILE}",
-            study_name=name,
-            directions=directions,
-            load_if_exists=True,
-        )
+        # Optuna announces every create or load at INFO; the mirror is opened by every
+        # recorder, so its announcements would only repeat themselves.
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            self.study = optuna.create_study(
+                storage=f"sqlite:///{Path(folder) / OPTUNA_FILE}",
+                study_name=name,
+                directions=directions,
+                load_if_exists=True,
+            )
+        finally:
+            optuna.logging.set_verbosity(verbosity)
         self.known = {t.user_attrs.get(TRIAL_ATTR) for t in self.study.get_trials(deepcopy=False)}
 
     def add(self, trial_id: str, config: Mapping[str, Any], metrics: Mapping[str, Any],
