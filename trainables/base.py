@@ -174,6 +174,13 @@ class Method(nn.Module):
     # leaves unset. Empty for a method that code base does not run.
     reference_recipe: ClassVar[dict[str, Any]] = {}
 
+    @classmethod
+    def batchable(cls, hp: dict[str, Any]) -> bool:
+        """Whether members with these hyper-parameters can train as one population
+        (`croft_search.trial.population`): the loss is a pure function of the method's
+        parameters and buffers, with no random draw and no optimiser step inside it."""
+        return True
+
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__()
         self.context = context

@@ -155,6 +155,12 @@ class CRoFT(Method):
     def resolve(cls, hp: dict[str, Any], given: set[str]) -> dict[str, Any]:
         return croft_variants.resolve_variant(hp, given)
 
+    @classmethod
+    def batchable(cls, hp: dict[str, Any]) -> bool:
+        # The paper's loss is one hand-written autograd node vmap cannot batch; the other
+        # implementations take autograd.grad and optimiser steps inside the loss.
+        return False
+
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__(context, hp)
         dim = context.embed_dim

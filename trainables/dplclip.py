@@ -71,6 +71,12 @@ class DPLCLIP(Method):
         "cross_domain_logits": True,
     }  # fmt: skip
 
+    @classmethod
+    def batchable(cls, hp: dict[str, Any]) -> bool:
+        # The batch's domain means take torch.unique, whose output shape vmap cannot batch
+        # (and dropout draws from torch's global generator).
+        return False
+
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__(context, hp)
         self.n_ctx = hp["n_ctx"]

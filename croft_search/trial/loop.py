@@ -59,6 +59,23 @@ def fusable(params: list[torch.Tensor]) -> bool:
     )
 
 
+def epoch_batches(
+    generator: torch.Generator, n: int, n_views: int, epoch: int, hp: dict[str, Any]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(rows, view of each row) of every mini-batch of one epoch: a fresh shuffle of the
+    ``n`` training images, one augmented view per image and step, drawn from ``generator``
+    in the order every loop draws them (a population's members draw from their own)."""
+    order = torch.randperm(n, generator=generator)
+    end = n - n % hp["batch_size"] if hp["drop_last"] and n >= hp["batch_size"] else n
+    for start in range(0, end, hp["batch_size"]):
+        index = order[start : start + hp["batch_size"]]
+        if hp["view_order"] == "epoch":
+            view = torch.full((index.shape[0],), epoch % n_views, dtype=torch.long)
+        else:
+            view = torch.randint(n_views, (index.shape[0],), generator=generator)
+        yield index, view
+
+
 def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterator[dict[str, float]]:
     """Train ``method`` in place, yielding one log row (lr, mean loss parts) after each
     epoch, so callers can evaluate, report, stop early or step several trials in lockstep."""
@@ -86,14 +103,7 @@ def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterato
             group["lr"] = lr
         totals: dict[str, float] = {}
         steps = 0
-        order = torch.randperm(n, generator=generator)
-        end = n - n % hp["batch_size"] if hp["drop_last"] and n >= hp["batch_size"] else n
-        for start in range(0, end, hp["batch_size"]):
-            index = order[start : start + hp["batch_size"]]
-            if hp["view_order"] == "epoch":
-                view = torch.full((index.shape[0],), epoch % n_views, dtype=torch.long)
-            else:
-                view = torch.randint(n_views, (index.shape[0],), generator=generator)
+        for index, view in epoch_batches(generator, n, n_views, epoch, hp):
             features = data.views[index, view].to(device)
             labels = method.targets(data.labels[index], index).to(device)
             domains = data.domains[index].to(device)

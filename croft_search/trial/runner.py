@@ -265,12 +265,30 @@ def run_trial(
     for index, (target, split, data, method, _) in enumerate(runs):
         if best is not None:
             best[index].restore(method)
-        score = build_score(method, score_name, data)
-        per_target[target] = evaluate(
-            method, split, score, include_test=True, protocol=protocol, seed=hp["seed"]
-        )
+        per_target[target] = final_metrics(method, split, data, score_name, protocol, hp["seed"])
         if best is not None and best[index].epoch >= 0:
             per_target[target]["val_best_epoch"] = float(best[index].epoch)
+    return trial_result(settings, score_name, per_target, len(history), train_seconds, resources)
+
+
+def final_metrics(method: Method, split: SplitFeatures, data: TrainData, score_name: str,
+                  protocol: str, seed: int) -> dict[str, float]:  # fmt: skip
+    """A trained method's validation and test metrics on one split."""
+    score = build_score(method, score_name, data)
+    return evaluate(method, split, score, include_test=True, protocol=protocol, seed=seed)
+
+
+def trial_result(
+    settings: Mapping[str, Any],
+    score_name: str,
+    per_target: Mapping[str, dict[str, float]],
+    epochs_run: int,
+    train_seconds: float,
+    resources: TrialResources,
+) -> dict[str, Any]:
+    """A trial's result from its splits' metrics: their means, each split's figures as
+    ``<target>/<metric>`` where there are several, the objective and the trial's labels."""
+    targets = list(per_target)
     result: dict[str, Any] = _mean_rows(list(per_target.values()))
     for target, metrics in per_target.items():
         if len(targets) > 1:
@@ -282,7 +300,7 @@ def run_trial(
         "selection": settings["selection"],
         "score": score_name,
         "target_domains": ",".join(targets),
-        "epochs_run": len(history),
+        "epochs_run": epochs_run,
         "train_seconds": train_seconds,
         "backbone_identity": resources.backbone.identity,
         "protocol": protocol_label(settings),

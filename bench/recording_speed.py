@@ -1,0 +1,67 @@
+"""How fast the driver records finished trials: N synthetic trials (a CRoFT config, the
+metrics run_trial reports over four target domains, 20 epochs of curves) fed to a
+`Recorder` on a fresh search folder with a SQLite MLflow store, as the search's driver
+feeds them. Prints trials/s for the whole recording (parquet, Optuna mirror, MLflow) and
+for each store alone; issue #14's target is at least 20 trials/s.
+
+    python bench/recording_speed.py [--trials 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from croft_search.search.folder import create_folder
+from croft_search.search.recorder import Recorder
+from croft_search.search.space import load_space
+
+DOMAINS = ("photo", "sketch", "cartoon", "painting")
+METRICS = ("val_acc", "val_auroc", "val_fpr95", "test_acc", "test_auroc", "test_fpr95",
+           "test_aupr_in", "test_aupr_out")  # fmt: skip
+
+
+def synthetic_result(rng: random.Random) -> dict[str, float]:
+    result = {name: rng.random() for name in METRICS}
+    for domain in DOMAINS:
+        result |= {f"{domain}/{name}": rng.random() for name in METRICS}
+    return result | {"objective": rng.random(), "train_seconds": 1.0, "epochs_run": 20.0}
+
+
+def record(trials: int, folder: Path, epochs: int = 20) -> float:
+    space = load_space("croft_digits").with_overrides(num_samples=trials)
+    create_folder(folder, "bench", space, f"sqlite:///{folder.parent / 'mlflow.db'}", "val", {})
+    recorder = Recorder(folder, space, echo=False)
+    rng = random.Random(0)
+    configs = [
+        {"method": "croft", "lambda1": rng.uniform(0, 15), "lambda2": rng.uniform(0.1, 100),
+         "n_ctx": rng.choice([0, 4, 8]), "lr": 1e-3, "seed": 0, "selection": "val"}
+        for _ in range(trials)
+    ]  # fmt: skip
+    started = time.perf_counter()
+    for index, config in enumerate(configs):
+        trial_id = f"t{index:05d}"
+        recorder.trial_started(trial_id, config)
+        for epoch in range(epochs):
+            row = {"epoch": epoch, "objective": rng.random(), "val_acc": rng.random(), "lr": 1e-3}
+            recorder.trial_epoch(trial_id, config, row)
+        recorder.trial_finished(trial_id, config, synthetic_result(rng), node="bench")
+    recorder.close({"trials": trials})
+    return trials / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rate = record(args.trials, Path(tmp) / "search")
+    print(f"recorded {args.trials} trials with 20 epochs each: {rate:.1f} trials/s "
+          f"(target: at least 20)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Populations: K configurations of one method trained at once as one vectorised program.
+
+Every member is built exactly as `run_trial` builds its trial (its own few-shot subset,
+validation cut, initialisation and view draws, all from its own seed), then the members'
+parameters are stacked into [K, ...] tensors (`torch.func.stack_module_state`) and each
+training step is one call: the method's loss of every member by `torch.func.vmap` over
+`functional_call`, one backward for all of them (members share no parameter, so the
+gradient of the summed loss is each member's own), and one SGD update of the stacked
+tensors with each member's learning rate, momentum and weight decay as a [K] tensor.
+After training the members' weights go back into their modules, which `run_trial`'s own
+evaluation scores, so member k's result is what ``run_trial(config_k)`` gives alone.
+
+What may differ between members: the loop's ``lr``, ``momentum``, ``weight_decay``,
+``warmup_lr`` and ``seed`` (`MEMBER_HPARAMS`). Everything else (the method, its own
+hyper-parameters, epochs, batch size, shots, the trial settings) is one value per
+population (`population_key`): those change shapes or enter a method's forward as Python
+numbers, which one vectorised program cannot hold per member.
+
+Methods a population cannot train (`population_refusal` says why): CRoFT, whose loss is one
+hand-written autograd node (`trainables/croft_objective.py`) that `vmap` cannot batch, or
+whose reference implementation steps optimisers inside the loss; DPLCLIP, whose domain
+means take `torch.unique` (a shape that depends on the batch, which vmap cannot batch) and
+whose dropout draws from torch's global generator (a vmapped draw is not the draw a member
+makes alone). The ``best_val`` checkpoint is not written for populations yet.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+from croft_search.errors import ConfigError
+from croft_search.trial.loop import TrainingDiverged, epoch_batches, learning_rate
+from croft_search.trial.runner import (
+    TrialResources,
+    build_method,
+    few_shot_train,
+    few_shot_val,
+    final_metrics,
+    resources_for,
+    score_for,
+    split_config,
+    target_domains,
+    trial_result,
+)
+from trainables.base import Method, TrainData
+from trainables.registry import get_method, resolve_hparams
+
+# The hyper-parameters members of one population may set apart.
+MEMBER_HPARAMS = ("lr", "momentum", "weight_decay", "warmup_lr", "seed")
+
+
+def population_key(config: Mapping[str, Any]) -> tuple:
+    """Configs with equal keys can train as one population: everything but the
+    `MEMBER_HPARAMS`, resolved (so a default and the same value written out agree)."""
+    settings, overrides = split_config(config)
+    hp = resolve_hparams(settings["method"], overrides, settings["recipe"])
+    shared = {k: v for k, v in hp.items() if k not in MEMBER_HPARAMS}
+    return tuple(sorted((k, repr(v)) for k, v in {**settings, **shared}.items()))
+
+
+def population_refusal(config: Mapping[str, Any]) -> str | None:
+    """Why configs like ``config`` cannot train as a population, or None."""
+    settings, overrides = split_config(config)
+    method = get_method(settings["method"])
+    hp = resolve_hparams(settings["method"], overrides, settings["recipe"])
+    if not method.batchable(hp):
+        return f"method {method.name} with these hyper-parameters does not batch (see its file)"
+    if settings["checkpoint"] != "last":
+        return "the best_val checkpoint is not written for populations"
+    return None
+
+
+@dataclass
+class _Member:
+    settings: dict[str, Any]
+    hp: dict[str, Any]
+    score: str
+
+
+def run_population(
+    configs: Sequence[Mapping[str, Any]], resources: TrialResources | None = None
+) -> list[dict[str, Any]]:
+    """Train and evaluate the configs as one population; one `run_trial` result each, in
+    order. The configs must share a `population_key` and pass `population_refusal`."""
+    if not configs:
+        return []
+    keys = {population_key(c) for c in configs}
+    if len(keys) > 1:
+        raise ConfigError("a population's members may differ only in " + ", ".join(MEMBER_HPARAMS))
+    refusal = population_refusal(configs[0])
+    if refusal:
+        raise ConfigError(f"cannot train as a population: {refusal}")
+    members = []
+    for config in configs:
+        settings, overrides = split_config(config)
+        hp = resolve_hparams(settings["method"], overrides, settings["recipe"])
+        members.append(_Member(settings, hp, score_for(settings, get_method(settings["method"]))))
+    first = members[0].settings
+    targets = target_domains(first["dataset"], first["target_domain"])
+    resources = resources or resources_for(first, targets)
+    device = torch.device(first["device"])
+    started = time.perf_counter()
+    per_member: list[dict[str, dict[str, float]]] = [{} for _ in members]
+    epochs_run = 0
+    for target in targets:
+        splits = [few_shot_val(resources.splits[target], m.settings["val_shots"], m.hp["seed"])
+                  for m in members]  # fmt: skip
+        datas = [few_shot_train(split, m.hp["shots"], m.hp["seed"], m.settings["shots_per"])
+                 for split, m in zip(splits, members, strict=True)]  # fmt: skip
+        methods = [build_method(m.settings["method"], m.hp, resources, split, data, device)
+                   for m, split, data in zip(members, splits, datas, strict=True)]  # fmt: skip
+        epochs_run = len(train_population(methods, datas, [m.hp for m in members])[0])
+        for k, (member, method) in enumerate(zip(members, methods, strict=True)):
+            per_member[k][target] = final_metrics(
+                method, splits[k], datas[k], member.score,
+                member.settings["eval_protocol"], member.hp["seed"],
+            )  # fmt: skip
+    train_seconds = (time.perf_counter() - started) / len(members)
+    return [
+        trial_result(m.settings, m.score, per_target, epochs_run, train_seconds, resources)
+        for m, per_target in zip(members, per_member, strict=True)
+    ]
+
+
+def train_population(
+    methods: Sequence[Method], datas: Sequence[TrainData], hps: Sequence[dict[str, Any]]
+) -> list[list[dict[str, float]]]:
+    """Train ``methods`` (one method class, one shape) in place as one program, each on its
+    own data with its own hyper-parameters. Returns each member's log, one row per epoch
+    as `train_epochs` yields it (epoch, lr, the mean of each loss part)."""
+    for method, hp in zip(methods, hps, strict=True):
+        torch.manual_seed(hp["seed"])  # as train_epochs: setup may draw random numbers
+        method.setup()
+    hp0 = hps[0]
+    names = [n for n, p in methods[0].named_parameters() if p.requires_grad]
+    history: list[list[dict[str, float]]] = [[] for _ in methods]
+    if not names or hp0["epochs"] == 0 or len(datas[0]) == 0:
+        for method in methods:
+            method.eval()
+        return history
+    for method in methods:
+        method.train()
+    params, buffers = stack_module_state(list(methods))
+    trained = {n: params[n] for n in names}
+    frozen = {n: p.detach() for n, p in params.items() if n not in trained}
+    stepper = _StackedOptimizer(trained, hps)
+    # The first member's module runs every member's step: functional_call swaps the
+    # stacked tensors' slices in for its own.
+    step = vmap(_member_loss(methods[0]), randomness="error")
+    generators = [torch.Generator().manual_seed(hp["seed"]) for hp in hps]
+    n, n_views = datas[0].views.shape[:2]
+    device = next(iter(trained.values())).device
+    for epoch in range(hp0["epochs"]):
+        rates = [learning_rate(epoch, hp) for hp in hps]
+        stepper.set_lr(rates)
+        totals: dict[str, torch.Tensor] = {}
+        steps = 0
+        streams = [epoch_batches(g, n, n_views, epoch, hp0) for g in generators]
+        for batches in zip(*streams, strict=True):
+            drawn = list(zip(methods, datas, batches, strict=True))
+            features = torch.stack([d.views[i, v] for _, d, (i, v) in drawn])
+            labels = torch.stack([m.targets(d.labels[i], i) for m, d, (i, _) in drawn])
+            domains = torch.stack([d.domains[i] for _, d, (i, _) in drawn])
+            losses, parts = step(trained, frozen, buffers, features.to(device),
+                                 labels.to(device), domains.to(device))  # fmt: skip
+            finite = torch.isfinite(losses.detach())
+            if not bool(finite.all()):
+                bad = int(torch.nonzero(~finite)[0])
+                raise TrainingDiverged(
+                    f"member {bad}: loss became {float(losses[bad])} in epoch {epoch}"
+                )
+            grads = torch.autograd.grad(losses.sum(), list(trained.values()))
+            stepper.step(dict(zip(trained, grads, strict=True)))
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value.detach().double()
+            steps += 1
+        for k, rows in enumerate(history):
+            means = {key: float(value[k]) / steps for key, value in totals.items()}
+            rows.append({"epoch": epoch, "lr": rates[k], **means})
+    with torch.no_grad():
+        for k, method in enumerate(methods):
+            own = dict(method.named_parameters()) | dict(method.named_buffers())
+            for name, value in trained.items():
+                own[name].copy_(value[k])
+            method.eval()
+    return history
+
+
+def _member_loss(base: Method):
+    """One member's training loss (cross-entropy plus the method's extra losses), as a
+    function of its parameters and buffers, for `vmap`."""
+
+    def loss(trained, frozen, buffers, features, labels, domains):  # noqa: ANN001, ANN202
+        state = {f"method.{k}": v for k, v in {**trained, **frozen, **buffers}.items()}
+
+        def logits_and_extras() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            ce = F.cross_entropy(base.logits(features, domains), labels)
+            total, parts = ce, {"ce": ce}
+            for key, value in base.extra_losses(features, labels, domains).items():
+                total = total + value
+                parts[key] = value
+            return total, parts
+
+        return functional_call(_Call(base, logits_and_extras), state, ())
+
+    return loss
+
+
+class _Call(torch.nn.Module):
+    """``functional_call`` substitutes state into a module's forward; this forwards to a
+    closure over the method, whose tensors are then the substituted ones."""
+
+    def __init__(self, method: Method, body: Any) -> None:
+        super().__init__()
+        self.method = method
+        self.body = body
+
+    def forward(self) -> Any:
+        return self.body()
+
+
+class _StackedOptimizer:
+    """The loop's optimiser (`croft_search.trial.loop.build_optimizer`) on stacked
+    parameters, each member with its own learning rate, momentum and weight decay.
+
+    SGD as torch.optim.SGD without dampening or Nesterov: d = g + wd p; the momentum buffer
+    starts as d, then b = m b + d; p -= lr b (p -= lr d without momentum). AdamW as
+    torch.optim.AdamW with its default betas and eps: p *= 1 - lr wd; the moments
+    m, v are updated; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)."""
+
+    BETAS = (0.9, 0.999)
+    EPS = 1e-8
+
+    def __init__(self, params: dict[str, torch.Tensor], hps: Sequence[dict[str, Any]]) -> None:
+        self.params = params
+        self.kind = hps[0]["optimizer"]
+        dtype = next(iter(params.values())).dtype
+        self.momentum = torch.tensor([hp["momentum"] for hp in hps], dtype=dtype)
+        self.weight_decay = torch.tensor([hp["weight_decay"] for hp in hps], dtype=dtype)
+        self.lr = torch.zeros(len(hps), dtype=dtype)
+        self.state: dict[str, list[torch.Tensor]] = {}
+        self.steps = 0
+
+    def set_lr(self, rates: Sequence[float]) -> None:
+        self.lr = torch.tensor(rates, dtype=self.lr.dtype)
+
+    def step(self, grads: Mapping[str, torch.Tensor]) -> None:
+        self.steps += 1
+        with torch.no_grad():
+            for name, param in self.params.items():
+                shape = (-1,) + (1,) * (param.dim() - 1)
+                lr, wd = self.lr.view(shape), self.weight_decay.view(shape)
+                if self.kind == "adamw":
+                    self._adamw(name, param, grads[name], lr, wd)
+                else:
+                    self._sgd(name, param, grads[name], lr, wd, self.momentum.view(shape))
+
+    def _sgd(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor,
+             wd: torch.Tensor, momentum: torch.Tensor) -> None:  # fmt: skip
+        d = grad + wd * param
+        if name in self.state:
+            buffer = self.state[name][0].mul_(momentum).add_(d)
+        else:
+            buffer = d.clone()
+            self.state[name] = [buffer]
+        param.sub_(lr * torch.where(momentum > 0, buffer, d))
+
+    def _adamw(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor,
+               wd: torch.Tensor) -> None:  # fmt: skip
+        beta1, beta2 = self.BETAS
+        if name not in self.state:
+            self.state[name] = [torch.zeros_like(param), torch.zeros_like(param)]
+        first, second = self.state[name]
+        param.mul_(1 - lr * wd)
+        first.lerp_(grad, 1 - beta1)
+        second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        correction1 = 1 - beta1**self.steps
+        correction2 = (1 - beta2**self.steps) ** 0.5
+        denominator = (second.sqrt() / correction2).add_(self.EPS)
+        param.sub_((lr / correction1) * first / denominator)

@@ -1,0 +1,156 @@
+"""Populations: every member of a population trains and scores as it does alone.
+
+For each method that batches, K members differing in seed, learning rate, momentum and
+weight decay are trained as one population; each member's per-epoch loss log must equal
+the shared loop's log for that member alone (`train_epochs`, over at least 50 steps) to
+1e-5 relative, and its metrics what `run_trial` gives for its config to 1e-4. Then what a
+population refuses, each a one-line error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from croft_search.errors import ConfigError
+from croft_search.trial.loop import TrainingDiverged, train_epochs
+from croft_search.trial.population import population_refusal, run_population, train_population
+from croft_search.trial.runner import (
+    TrialResources,
+    build_method,
+    few_shot_train,
+    few_shot_val,
+    run_trial,
+    split_config,
+)
+from trainables.base import HParam, Method
+from trainables.registry import register_method, resolve_hparams
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TARGET = "sketch"
+METRICS = ("val_acc", "val_auroc", "val_fpr95", "test_acc", "test_auroc", "test_fpr95")
+# 3 source domains x 6 classes x shots images; batch sizes chosen for >= 50 steps in all.
+BATCHABLE = {
+    "zsclip": {},
+    "linear_probe": {},
+    "plp": {"epochs": 6, "shots": 16, "batch_size": 32},  # AdamW
+    "tip_adapter_f": {"epochs": 6, "shots": 16, "batch_size": 32},  # AdamW
+    "clip_adapter": {"epochs": 6, "shots": 16},
+    "coop": {"epochs": 6, "shots": 16, "n_ctx": 2, "ctx_init": ""},
+    "cocoop": {"epochs": 6, "shots": 2, "batch_size": 4, "n_ctx": 2, "ctx_init": ""},
+}
+MEMBERS = (
+    {"seed": 0, "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4},
+    {"seed": 1, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.1},
+    {"seed": 7, "lr": 0.0005, "momentum": 0.5, "weight_decay": 0.0},
+)
+
+
+@pytest.fixture(scope="module")
+def resources(digits_root, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    # The shipped model: a random-init one scores ID and OOD images alike, where a weight
+    # moving by float rounding reorders near-ties and AUROC tests nothing but the noise.
+    return TrialResources.load("digits", [TARGET], views=2,
+                               root=str(digits_root), cache_dir=str(cache))  # fmt: skip
+
+
+def configs(method: str) -> list[dict]:
+    return [
+        {"method": method, "target_domain": TARGET, "views": 2, **BATCHABLE[method], **member}
+        for member in MEMBERS
+    ]
+
+
+def built(config: dict, resources: TrialResources):
+    """A member's method and data, built as run_trial builds them."""
+    settings, overrides = split_config(config)
+    hp = resolve_hparams(settings["method"], overrides)
+    split = few_shot_val(resources.splits[TARGET], settings["val_shots"], hp["seed"])
+    data = few_shot_train(split, hp["shots"], hp["seed"], settings["shots_per"])
+    method = build_method(settings["method"], hp, resources, split, data, torch.device("cpu"))
+    return method, data, hp
+
+
+def relative(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+@pytest.mark.parametrize("method", sorted(BATCHABLE))
+def test_each_member_trains_as_it_does_alone(method, resources):
+    members = [built(c, resources) for c in configs(method)]
+    logs = train_population(
+        [m for m, _, _ in members], [d for _, d, _ in members], [h for _, _, h in members]
+    )
+    for config, log in zip(configs(method), logs, strict=True):
+        alone, data, hp = built(config, resources)
+        expected = list(train_epochs(alone, data, hp))
+        assert len(log) == len(expected)
+        if expected:
+            steps = -(-len(data) // hp["batch_size"]) * len(expected)
+            assert steps >= 50, f"{method}: only {steps} steps compared"
+        for got, want in zip(log, expected, strict=True):
+            assert got.keys() == want.keys()
+            for key, value in want.items():
+                assert relative(got[key], value) < 1e-5, (method, got["epoch"], key)
+
+
+@pytest.mark.parametrize("method", sorted(BATCHABLE))
+def test_each_member_scores_what_run_trial_gives(method, resources):
+    results = run_population(configs(method), resources)
+    for config, result in zip(configs(method), results, strict=True):
+        alone = run_trial(config, resources)
+        for key in METRICS:
+            assert result[key] == pytest.approx(alone[key], abs=1e-4), (method, key)
+        assert result["protocol"] == alone["protocol"]
+        assert result["epochs_run"] == alone["epochs_run"]
+    # The members are different trials.
+    assert len({round(r["val_auroc"], 6) for r in results}) > 1 or method in (
+        "zsclip",
+        "linear_probe",
+    )
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        ({"method": "croft"}, "method croft"),
+        ({"method": "dplclip"}, "method dplclip"),
+        ({"method": "clip_adapter", "checkpoint": "best_val"}, "best_val"),
+    ],
+)
+def test_what_does_not_batch_says_why(config, reason):
+    assert reason in population_refusal(config)
+    with pytest.raises(ConfigError, match=f"cannot train as a population: .*{reason}"):
+        run_population([config, config])
+
+
+def test_members_may_differ_only_in_the_member_hyper_parameters(resources):
+    first, second = configs("clip_adapter")[:2]
+    with pytest.raises(ConfigError, match="may differ only in lr, momentum"):
+        run_population([first, {**second, "epochs": 2}], resources)
+    with pytest.raises(ConfigError, match="may differ only in"):
+        run_population([first, {**second, "ratio": 0.5}], resources)
+    assert run_population([], resources) == []
+
+
+@register_method
+class Steep(Method):
+    """Exponentiated logits: a large learning rate overflows them to inf."""
+
+    name = "_test_population_steep"
+    hparams = {"epochs": HParam(3, low=0, high=100)}
+
+    def __init__(self, context, hp):
+        super().__init__(context, hp)
+        self.head = nn.Linear(context.embed_dim, len(context.classnames))
+
+    def logits(self, features, domains=None):
+        return torch.exp(self.head(features))
+
+
+def test_a_diverging_member_is_named(resources):
+    base = {"method": Steep.name, "target_domain": TARGET, "views": 2}
+    members = [{**base, "lr": 1e-6}, {**base, "lr": 10.0, "momentum": 0.99}]
+    with pytest.raises(TrainingDiverged, match="member 1: loss became"):
+        run_population(members, resources)
