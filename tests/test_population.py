@@ -31,18 +31,31 @@ TARGET = "sketch"
 METRICS = ("val_acc", "val_auroc", "val_fpr95", "test_acc", "test_auroc", "test_fpr95")
 # 3 source domains x 6 classes x shots images; batch sizes chosen for >= 50 steps in all.
 BATCHABLE = {
-    "zsclip": {},
-    "linear_probe": {},
-    "plp": {"epochs": 6, "shots": 16, "batch_size": 32},  # AdamW
-    "tip_adapter_f": {"epochs": 6, "shots": 16, "batch_size": 32},  # AdamW
-    "clip_adapter": {"epochs": 6, "shots": 16},
-    "coop": {"epochs": 6, "shots": 16, "n_ctx": 2, "ctx_init": ""},
-    "cocoop": {"epochs": 6, "shots": 2, "batch_size": 4, "n_ctx": 2, "ctx_init": ""},
-}
+    "zsclip": {"method": "zsclip"},
+    "linear_probe": {"method": "linear_probe"},
+    "plp": {"method": "plp", "epochs": 6, "shots": 16, "batch_size": 32},  # AdamW
+    "tip_adapter_f": {"method": "tip_adapter_f", "epochs": 6, "shots": 16, "batch_size": 32},
+    "clip_adapter": {"method": "clip_adapter", "epochs": 6, "shots": 16},
+    "coop": {"method": "coop", "epochs": 6, "shots": 16, "n_ctx": 2, "ctx_init": ""},
+    "cocoop": {"method": "cocoop", "epochs": 6, "shots": 2, "batch_size": 4, "n_ctx": 2,
+               "ctx_init": ""},
+    # CRoFT's worst-case branch (the paper's default), its joint branch, without a
+    # generator, and with learned prompts; its own weights and ratios differ per member.
+    "croft": {"method": "croft", "epochs": 6, "shots": 16},
+    "croft_joint": {"method": "croft", "epochs": 6, "shots": 16, "gen_steps": 0},
+    "croft_no_generator": {"method": "croft", "epochs": 6, "shots": 16, "lambda1": 0.0},
+    "croft_prompts": {"method": "croft", "epochs": 6, "shots": 16, "n_ctx": 2, "ctx_init": "",
+                      "edr_energy": "sum", "edr_reduction": "mean"},
+}  # fmt: skip
 MEMBERS = (
     {"seed": 0, "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4},
     {"seed": 1, "lr": 0.01, "momentum": 0.0, "weight_decay": 0.1},
     {"seed": 7, "lr": 0.0005, "momentum": 0.5, "weight_decay": 0.0},
+)
+CROFT_MEMBERS = (
+    {"lambda1": 5.0, "lambda2": 1.0, "ratio_image": 0.2, "ratio_text": 0.5, "gen_lr": 0.002},
+    {"lambda1": 1.0, "lambda2": 20.0, "ratio_image": 0.6, "ratio_text": 0.1, "gen_lr": 0.05},
+    {"lambda1": 12.0, "lambda2": 0.1, "ratio_image": 0.05, "ratio_text": 0.9, "gen_lr": 0.01},
 )
 
 
@@ -55,17 +68,19 @@ def resources(digits_root, tmp_path_factory):
                                root=str(digits_root), cache_dir=str(cache))  # fmt: skip
 
 
-def configs(method: str) -> list[dict]:
-    return [
-        {"method": method, "target_domain": TARGET, "views": 2, **BATCHABLE[method], **member}
-        for member in MEMBERS
-    ]
+def configs(case: str) -> list[dict]:
+    base = {"target_domain": TARGET, "views": 2, **BATCHABLE[case]}
+    own = CROFT_MEMBERS if base["method"] == "croft" else ({},) * len(MEMBERS)
+    members = [{**base, **member, **extra} for member, extra in zip(MEMBERS, own, strict=True)]
+    if base.get("lambda1") == 0.0:
+        members = [{**member, "lambda1": 0.0} for member in members]
+    return members
 
 
 def built(config: dict, resources: TrialResources):
     """A member's method and data, built as run_trial builds them."""
     settings, overrides = split_config(config)
-    hp = resolve_hparams(settings["method"], overrides)
+    hp = resolve_hparams(settings["method"], overrides, settings["recipe"])
     split = few_shot_val(resources.splits[TARGET], settings["val_shots"], hp["seed"])
     data = few_shot_train(split, hp["shots"], hp["seed"], settings["shots_per"])
     method = build_method(settings["method"], hp, resources, split, data, torch.device("cpu"))
@@ -114,7 +129,7 @@ def test_each_member_scores_what_run_trial_gives(method, resources):
 @pytest.mark.parametrize(
     "config, reason",
     [
-        ({"method": "croft"}, "method croft"),
+        ({"method": "croft", "implementation": "reference"}, "method croft"),
         ({"method": "dplclip"}, "method dplclip"),
         ({"method": "clip_adapter", "checkpoint": "best_val"}, "best_val"),
     ],
@@ -131,6 +146,9 @@ def test_members_may_differ_only_in_the_member_hyper_parameters(resources):
         run_population([first, {**second, "epochs": 2}], resources)
     with pytest.raises(ConfigError, match="may differ only in"):
         run_population([first, {**second, "ratio": 0.5}], resources)
+    croft = configs("croft")
+    with pytest.raises(ConfigError, match="lambda1, lambda2, .*none turns zero"):
+        run_population([croft[0], {**croft[1], "lambda1": 0.0}], resources)
     assert run_population([], resources) == []
 
 

@@ -181,6 +181,35 @@ class Method(nn.Module):
         parameters and buffers, with no random draw and no optimiser step inside it."""
         return True
 
+    @classmethod
+    def member_values(cls, hp: dict[str, Any]) -> dict[str, float]:
+        """The method's own hyper-parameters whose values may differ between the members of
+        one population, read by `population_loss` as 0-dim tensors; {} by default."""
+        return {}
+
+    @classmethod
+    def structure(cls, hp: dict[str, Any]) -> tuple:
+        """What of `member_values` decides the method's shape (a term on or off): members
+        of one population agree on it."""
+        return ()
+
+    def population_loss(
+        self,
+        values: dict[str, torch.Tensor],
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        domains: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One member's training loss inside a population: (loss, its parts, new values of
+        state the step changes outside the optimiser). ``values``: `member_values`. By
+        default cross-entropy plus `extra_losses`, as `training_loss`."""
+        ce = F.cross_entropy(self.logits(features, domains), labels)
+        loss, parts = ce, {"ce": ce}
+        for key, value in self.extra_losses(features, labels, domains).items():
+            loss = loss + value
+            parts[key] = value
+        return loss, parts, {}
+
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__()
         self.context = context

@@ -21,7 +21,9 @@ in Gram form, B x B products instead of d x d ones; its backward differentiates 
 again). In value and gradient this is what autograd and the paper's double backward
 ``autograd.grad(E, theta, create_graph=True)`` give (`edr_penalty`); the tests hold the two
 together in every branch. The generator's inner steps use their gradient in closed form
-too. bench/trial_speed.py times the effect.
+too. bench/trial_speed.py times the effect. A population of members
+(`croft_search.trial.population`) runs the same equations by plain autograd under vmap
+(`_population_loss`), with each member's weights and ratios as tensors.
 
 Switches, all plain hyper-parameters so a search grid can express the paper's ablations:
 - lambda1 = 0 turns the generator off entirely (no parameter, no loss, no inner steps).
@@ -63,6 +65,7 @@ from trainables.croft_objective import (
     ObjectiveSettings,
     Unit,
     adapt,
+    same_class_similarity,
     step_generator,
     unit,
 )
@@ -157,9 +160,19 @@ class CRoFT(Method):
 
     @classmethod
     def batchable(cls, hp: dict[str, Any]) -> bool:
-        # The paper's loss is one hand-written autograd node vmap cannot batch; the other
-        # implementations take autograd.grad and optimiser steps inside the loss.
-        return False
+        # The authors' implementation steps optimisers inside the loss; the paper's batches
+        # through population_loss.
+        return croft_variants.is_paper(hp)
+
+    @classmethod
+    def member_values(cls, hp: dict[str, Any]) -> dict[str, float]:
+        keys = ("lambda1", "lambda2", "ratio_image", "ratio_text", "gen_lr")
+        return {key: float(hp[key]) for key in keys}
+
+    @classmethod
+    def structure(cls, hp: dict[str, Any]) -> tuple:
+        # Which terms and parameters exist: a zero weight or ratio removes one.
+        return tuple(hp[key] > 0 for key in ("lambda1", "lambda2", "ratio_image", "ratio_text"))
 
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__(context, hp)
@@ -310,6 +323,9 @@ class CRoFT(Method):
             terms["edr"] = edr
         return loss, terms
 
+    def population_loss(self, values, features, labels, domains):  # noqa: ANN001, ANN201
+        return _population_loss(self, values, features, labels)
+
     def extra_losses(
         self, features: torch.Tensor, labels: torch.Tensor, domains: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -334,6 +350,90 @@ class CRoFT(Method):
         else:
             loss, terms = croft_variants.training_loss(self, features, labels, update)
         return loss, {key: float(value.detach()) for key, value in terms.items()}
+
+
+def _population_loss(
+    method: CRoFT,
+    values: dict[str, torch.Tensor],
+    features: torch.Tensor,
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The paper's loss of one population member by plain autograd, vmap-ready: the
+    adapter ratios and the weights are the member's 0-dim tensors, the generator's inner
+    steps and the EDR's dE/dtheta are `torch.func.grad` (so the EDR term is the paper's
+    double backward). The same equations as the hand-written objective; tests hold the two
+    to each other through whole trainings."""
+    identity, scale = method.identity, method.logit_scale
+    raw_text = method.raw_text()
+
+    def image_of(weight: torch.Tensor) -> torch.Tensor:
+        return F.normalize(
+            features + values["ratio_image"] * features @ (weight - identity).T, dim=-1
+        )
+
+    def text_of(weight: torch.Tensor) -> torch.Tensor:
+        return F.normalize(
+            raw_text + values["ratio_text"] * raw_text @ (weight - identity).T, dim=-1
+        )
+
+    image, text = image_of(method.image_adapter), text_of(method.text_adapter)
+    ce = F.cross_entropy(scale * image @ text.T, labels)
+    loss, parts, updates = ce, {"ce": ce}, {}
+    generator = None
+    if method.use_generator:
+        generator = method.generator
+        if method.worst_case:
+            fixed_image, fixed_text = image.detach(), text.detach()
+
+            def generator_loss(weight: torch.Tensor) -> torch.Tensor:
+                moved = F.normalize(fixed_image @ weight + fixed_image, dim=-1)
+                pulled = same_class_similarity(moved, fixed_image, labels)
+                return (
+                    F.cross_entropy(scale * moved @ fixed_text.T, labels)
+                    + values["lambda1"] * pulled
+                )
+
+            generator = generator.detach()
+            for _ in range(method.gen_steps):
+                generator = generator - values["gen_lr"] * torch.func.grad(generator_loss)(
+                    generator
+                )
+            updates["generator"] = generator
+        shifted = F.normalize(image @ generator + image, dim=-1)
+        sign = -1.0 if method.worst_case else 1.0
+        pulled = same_class_similarity(shifted, image, labels)
+        shift_term = (
+            F.cross_entropy(scale * shifted @ text.T, labels) + sign * values["lambda1"] * pulled
+        )
+        loss = loss + shift_term
+        parts["shift"] = shift_term
+    # Which adapters train (a zero ratio makes one a buffer); read from the ratios, since a
+    # tensor inside vmap does not say whether it requires grad.
+    trained = [method.ratio_image > 0, method.ratio_text > 0]
+    if method.lambda2 > 0 and any(trained):
+        adapters = (method.image_adapter, method.text_adapter)
+        argnums = tuple(index for index, grad in enumerate(trained) if grad)
+
+        def penalty(shift_by: torch.Tensor | None) -> torch.Tensor:
+            def energy_of(image_weight: torch.Tensor, text_weight: torch.Tensor) -> torch.Tensor:
+                points = image_of(image_weight)
+                if shift_by is not None:
+                    points = F.normalize(points @ shift_by + points, dim=-1)
+                return energy(points, text_of(text_weight), method.edr_energy)
+
+            grads = torch.func.grad(energy_of, argnums=argnums)(*adapters)
+            total = sum(g.pow(2).sum() for g in grads)
+            if method.edr_reduction == "mean":
+                total = total / sum(g.numel() for g in grads)
+            return total
+
+        value = penalty(None)
+        if method.edr_on_shifted:
+            value = value + penalty(generator)
+        edr = values["lambda2"] * value
+        loss = loss + edr
+        parts["edr"] = edr
+    return loss, parts, updates
 
 
 def energy_gradient_norm(

@@ -12,6 +12,13 @@ forward builds dE/dtheta by the chain rule and its backward differentiates that 
 again, which is what the paper's double backward computes. tests/test_croft.py holds
 value and gradient of every term to a pure-autograd build in every branch.
 
+Populations (`croft_search.trial.population`) train CRoFT by plain autograd instead
+(`trainables.croft._population_loss`): vmap shares autograd's per-node cost among the
+members, but not the d x d products that autograd's double backward takes and the Gram form
+here avoids, so per member a population at K = 16 or 64 still costs more than one trial
+through this objective on a CPU (`bench/population_speed.py` prints both). That is why this
+backward stays.
+
 Notation: f raw image features [B, d], g raw text features [K, d], u = adapt(f, Wi, ri),
 x = n(u), v = adapt(g, Wt, rt), t = n(v), S = x t^T, m = x G + x, xc = n(m), n(.) the row
 normalisation (`unit`). Rows are assumed to have norms above the 1e-12 floor, which

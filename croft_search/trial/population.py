@@ -11,14 +11,17 @@ After training the members' weights go back into their modules, which `run_trial
 evaluation scores, so member k's result is what ``run_trial(config_k)`` gives alone.
 
 What may differ between members: the loop's ``lr``, ``momentum``, ``weight_decay``,
-``warmup_lr`` and ``seed`` (`MEMBER_HPARAMS`). Everything else (the method, its own
-hyper-parameters, epochs, batch size, shots, the trial settings) is one value per
-population (`population_key`): those change shapes or enter a method's forward as Python
-numbers, which one vectorised program cannot hold per member.
+``warmup_lr`` and ``seed`` (`MEMBER_HPARAMS`), and the hyper-parameters a method reads as
+tensors in its `Method.population_loss` (`Method.member_values`: CRoFT's lambda1, lambda2,
+adapter ratios and generator learning rate, as long as none turns a term off). Everything
+else (the method's other hyper-parameters, epochs, batch size, shots, the trial settings)
+is one value per population (`population_key`): those change shapes or enter a method's
+forward as Python numbers, which one vectorised program cannot hold per member.
 
-Methods a population cannot train (`population_refusal` says why): CRoFT, whose loss is one
-hand-written autograd node (`trainables/croft_objective.py`) that `vmap` cannot batch, or
-whose reference implementation steps optimisers inside the loss; DPLCLIP, whose domain
+Methods a population cannot train (`population_refusal` says why): CRoFT's reference and
+custom implementations, which step optimisers inside the loss (its paper implementation
+batches: its population loss is the paper's equations by plain autograd, the EDR term by
+`torch.func.grad`, held to the hand-written objective by the tests); DPLCLIP, whose domain
 means take `torch.unique` (a shape that depends on the batch, which vmap cannot batch) and
 whose dropout draws from torch's global generator (a vmapped draw is not the draw a member
 makes alone). The ``best_val`` checkpoint is not written for populations yet.
@@ -32,7 +35,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from croft_search.errors import ConfigError
@@ -60,9 +62,12 @@ def population_key(config: Mapping[str, Any]) -> tuple:
     """Configs with equal keys can train as one population: everything but the
     `MEMBER_HPARAMS`, resolved (so a default and the same value written out agree)."""
     settings, overrides = split_config(config)
+    method = get_method(settings["method"])
     hp = resolve_hparams(settings["method"], overrides, settings["recipe"])
-    shared = {k: v for k, v in hp.items() if k not in MEMBER_HPARAMS}
-    return tuple(sorted((k, repr(v)) for k, v in {**settings, **shared}.items()))
+    own = method.member_values(hp)
+    shared = {k: v for k, v in hp.items() if k not in MEMBER_HPARAMS and k not in own}
+    items = sorted((k, repr(v)) for k, v in {**settings, **shared}.items())
+    return (*items, ("structure", repr(method.structure(hp))))
 
 
 def population_refusal(config: Mapping[str, Any]) -> str | None:
@@ -93,7 +98,15 @@ def run_population(
         return []
     keys = {population_key(c) for c in configs}
     if len(keys) > 1:
-        raise ConfigError("a population's members may differ only in " + ", ".join(MEMBER_HPARAMS))
+        settings, overrides = split_config(configs[0])
+        own = get_method(settings["method"]).member_values(
+            resolve_hparams(settings["method"], overrides, settings["recipe"])
+        )
+        varying = ", ".join([*MEMBER_HPARAMS, *own])
+        raise ConfigError(
+            f"a population's members may differ only in {varying}"
+            + (" (the method's own only where none turns zero)" if own else "")
+        )
     refusal = population_refusal(configs[0])
     if refusal:
         raise ConfigError(f"cannot train as a population: {refusal}")
@@ -139,7 +152,8 @@ def train_population(
         torch.manual_seed(hp["seed"])  # as train_epochs: setup may draw random numbers
         method.setup()
     hp0 = hps[0]
-    names = [n for n, p in methods[0].named_parameters() if p.requires_grad]
+    optimised = {id(p) for p in methods[0].trainable_parameters()}
+    names = [n for n, p in methods[0].named_parameters() if id(p) in optimised]
     history: list[list[dict[str, float]]] = [[] for _ in methods]
     if not names or hp0["epochs"] == 0 or len(datas[0]) == 0:
         for method in methods:
@@ -154,6 +168,7 @@ def train_population(
     # The first member's module runs every member's step: functional_call swaps the
     # stacked tensors' slices in for its own.
     step = vmap(_member_loss(methods[0]), randomness="error")
+    values = _stacked_values(methods, hps, next(iter(trained.values())).dtype)
     generators = [torch.Generator().manual_seed(hp["seed"]) for hp in hps]
     n, n_views = datas[0].views.shape[:2]
     device = next(iter(trained.values())).device
@@ -168,8 +183,9 @@ def train_population(
             features = torch.stack([d.views[i, v] for _, d, (i, v) in drawn])
             labels = torch.stack([m.targets(d.labels[i], i) for m, d, (i, _) in drawn])
             domains = torch.stack([d.domains[i] for _, d, (i, _) in drawn])
-            losses, parts = step(trained, frozen, buffers, features.to(device),
-                                 labels.to(device), domains.to(device))  # fmt: skip
+            losses, parts, updates = step(trained, frozen, buffers, values,
+                                          features.to(device), labels.to(device),
+                                          domains.to(device))  # fmt: skip
             finite = torch.isfinite(losses.detach())
             if not bool(finite.all()):
                 bad = int(torch.nonzero(~finite)[0])
@@ -178,6 +194,9 @@ def train_population(
                 )
             grads = torch.autograd.grad(losses.sum(), list(trained.values()))
             stepper.step(dict(zip(trained, grads, strict=True)))
+            for name, value in updates.items():
+                target = frozen if name in frozen else buffers
+                target[name] = value.detach()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().double()
             steps += 1
@@ -187,28 +206,27 @@ def train_population(
     with torch.no_grad():
         for k, method in enumerate(methods):
             own = dict(method.named_parameters()) | dict(method.named_buffers())
-            for name, value in trained.items():
+            for name, value in {**trained, **frozen, **buffers}.items():
                 own[name].copy_(value[k])
             method.eval()
     return history
 
 
+def _stacked_values(methods: Sequence[Method], hps: Sequence[dict[str, Any]],
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Each `Method.member_values` key as a [K] tensor of the members' values."""
+    rows = [type(m).member_values(hp) for m, hp in zip(methods, hps, strict=True)]
+    return {key: torch.tensor([row[key] for row in rows], dtype=dtype) for key in rows[0]}
+
+
 def _member_loss(base: Method):
-    """One member's training loss (cross-entropy plus the method's extra losses), as a
-    function of its parameters and buffers, for `vmap`."""
+    """One member's `Method.population_loss` as a function of its parameters, buffers
+    and member values, for `vmap`."""
 
-    def loss(trained, frozen, buffers, features, labels, domains):  # noqa: ANN001, ANN202
+    def loss(trained, frozen, buffers, values, features, labels, domains):  # noqa: ANN001, ANN202
         state = {f"method.{k}": v for k, v in {**trained, **frozen, **buffers}.items()}
-
-        def logits_and_extras() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            ce = F.cross_entropy(base.logits(features, domains), labels)
-            total, parts = ce, {"ce": ce}
-            for key, value in base.extra_losses(features, labels, domains).items():
-                total = total + value
-                parts[key] = value
-            return total, parts
-
-        return functional_call(_Call(base, logits_and_extras), state, ())
+        body = _Call(base, lambda: base.population_loss(values, features, labels, domains))
+        return functional_call(body, state, ())
 
     return loss
 
