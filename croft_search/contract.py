@@ -283,6 +283,7 @@ TRIAL_COLUMNS: dict[str, str] = {
     "trial_id": "string", "search": "string", "space": "string", "method": "string",
     "status": "string", "error": "string", "seed": "Int64", "selection": "string",
     "protocol": "string", "wall_seconds": "float64", "train_seconds": "float64",
-    "node": "string", "attempts": "Int64", "mlflow_run_id": "string", "finished_at": "string",
+    "node": "string", "attempts": "Int64", "population": "string", "mlflow_run_id": "string",
+    "finished_at": "string",
 }  # fmt: skip
 TRIAL_STATUSES = ("ok", "failed", "stopped")

@@ -29,6 +29,13 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument("--num-samples", type=int, default=None)
     parser.add_argument("--max-concurrent", type=int, default=None)
     parser.add_argument(
+        "--population",
+        type=int,
+        default=1,
+        help="configurations one Ray trial trains at once as one vectorised program "
+        "(default 1: a trial each; needs scheduler: none)",
+    )
+    parser.add_argument(
         "--gpus-per-trial",
         type=float,
         default=None,
@@ -78,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_root=args.data_root,
         cache_dir=args.cache_dir,
         seed=args.seed,
+        population=args.population,
         overrides=parse_assignments(args.set),
     )
     outcome = run_search(space, options)

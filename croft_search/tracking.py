@@ -25,6 +25,8 @@ from croft_search.contract import JOINT_METRIC, SPACE_FILE, SUMMARY_FILE, metric
 from croft_search.errors import ConfigError
 
 TRIAL_TAG = "croft.trial_id"
+# The engine trial that trained a trial as one member of a population.
+POPULATION_TAG = "croft.population"
 SEARCH_TAG = "croft.search"
 # MLflow caps a param value at 6000 characters; configs never come close, but be safe.
 MAX_PARAM_LENGTH = 6000
@@ -178,12 +180,15 @@ class SearchTracker:
         metrics: Mapping[str, Any],
         status: str,
         error: str = "",
+        population: str = "",
     ) -> str:
         run_id = self.child(trial_id, config)
         self._send_epochs(run_id)
         now = int(time.time() * 1000)
         values = [Metric(k, v, now, 0) for k, v in _numeric(metrics).items()]
         tags = [RunTag("status", status)] + ([RunTag("error", error[:5000])] if error else [])
+        if population:
+            tags.append(RunTag(POPULATION_TAG, population))
         self.client.log_batch(run_id, metrics=values, tags=tags)
         # An ASHA-stopped trial did nothing wrong: KILLED, as MLflow calls a run ended early.
         self.client.set_terminated(run_id, RUN_STATUS.get(status, "FAILED"))

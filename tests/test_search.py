@@ -23,6 +23,7 @@ from searches import RAY, gcs_address, write_space
 from croft_search.run import main as run_main
 from croft_search.search.ray_engine import SearchOptions, run_search
 from croft_search.search.space import load_space
+from croft_search.trial.runner import run_trial
 
 pytestmark = pytest.mark.slow
 TUNE_RESULT_FILES = {"progress.csv", "result.json"}
@@ -166,7 +167,8 @@ scheduler: none
     assert outcome.failed == 1
 
 
-def test_resume_after_sigkill_neither_loses_nor_duplicates(tmp_path, weights, digits_root):
+@pytest.mark.parametrize("extra", [[], ["--population", "2"]], ids=["trials", "populations"])
+def test_resume_after_sigkill_neither_loses_nor_duplicates(tmp_path, weights, digits_root, extra):
     body = CROFT_BODY.replace("num_samples: 3", "num_samples: 6").replace("epochs: 2", "epochs: 3")
     space_file = write_space(tmp_path, "croft_resume", weights, body)
     env = {**os.environ, "CROFT_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
@@ -186,6 +188,7 @@ def test_resume_after_sigkill_neither_loses_nor_duplicates(tmp_path, weights, di
         "1",
         "--tracking-uri",
         f"sqlite:///{tmp_path / 'm.db'}",
+        *extra,
     ]
     table = tmp_path / "runs" / "croft_resume" / "r" / "trials.parquet"
     driver = subprocess.Popen(
@@ -223,6 +226,55 @@ def test_resume_after_sigkill_neither_loses_nor_duplicates(tmp_path, weights, di
     _, runs = children(meta["tracking_uri"], "croft_resume", meta["mlflow_parent_run_id"])
     trial_tags = [r.data.tags["croft.trial_id"] for r in runs]
     assert len(trial_tags) == len(set(trial_tags)) == 6
+
+
+def test_a_population_search_records_every_member_as_run_trial_scores_it(
+    tmp_path, weights, digits_root
+):
+    body = CROFT_BODY.replace("num_samples: 3", "num_samples: 5").replace(
+        "lambda2: {loguniform: [0.1, 10]}",
+        "lambda2: {loguniform: [0.1, 10]}\n  lambda1: {uniform: [1, 10]}\n"
+        "  lr: {loguniform: [0.0005, 0.005]}",
+    )
+    space = load_space(str(write_space(tmp_path, "croft_pop", weights, body)))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    options = SearchOptions(
+        storage=tmp_path / "runs", name="p", tracking_uri=uri, data_root=str(digits_root),
+        cache_dir=str(tmp_path / "cache"), verbose=0, population=2,
+    )  # fmt: skip
+    outcome = run_search(space, options)
+    frame = pd.read_parquet(outcome.folder / "trials.parquet")
+    assert len(frame) == 5 and frame["trial_id"].is_unique and set(frame["status"]) == {"ok"}
+    assert sorted(frame.groupby("population").size()) == [1, 2, 2]
+    assert (frame["trial_id"].str.rsplit("_", n=1).str[0] == frame["population"]).all()
+    for _, row in frame.iterrows():
+        config = {key[len("config/"):]: value for key, value in row.items()
+                  if key.startswith("config/") and not pd.isna(value)}  # fmt: skip
+        config = {k: (v.item() if hasattr(v, "item") else v) for k, v in config.items()}
+        alone = run_trial({**config, "data_root": str(digits_root),
+                           "cache_dir": str(tmp_path / "cache")})  # fmt: skip
+        for metric in ("val_acc", "val_auroc", "test_acc", "test_auroc", "objective"):
+            assert row[metric] == pytest.approx(alone[metric], abs=1e-4), metric
+    _, runs = children(uri, "croft_pop", outcome.parent_run_id)
+    tags = {r.data.tags["croft.trial_id"]: r.data.tags.get("croft.population") for r in runs}
+    assert tags == dict(zip(frame["trial_id"], frame["population"], strict=True))
+    study = optuna.load_study(study_name="p", storage=f"sqlite:///{outcome.folder / 'optuna.db'}")
+    assert len(study.trials) == 5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--population", "0"], "--population must be >= 1"),
+        (["--space", "croft_digits", "--population", "4"], "stops trials early"),
+    ],
+)
+def test_what_populations_refuse_is_one_line(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main([*argv, "--storage", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
 
 
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_root):

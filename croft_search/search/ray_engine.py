@@ -40,6 +40,13 @@ from croft_search.errors import ConfigError, CroftError
 from croft_search.fronts import pareto_ranks
 from croft_search.search.folder import check_same_space, create_folder, resolve_folder
 from croft_search.search.optuna_bridge import make_sampler, run_configs, suggest
+from croft_search.search.ray_populations import (
+    MEMBERS,
+    check_population_space,
+    member_id,
+    population_function,
+)
+from croft_search.search.ray_populations import searcher_class as population_searcher_class
 from croft_search.search.recorder import Recorder
 from croft_search.search.space import SearchSpace
 from croft_search.trial.runner import TrialResources, load_resources, run_trial
@@ -74,6 +81,7 @@ class SearchOptions:
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
     verbose: int = 1
+    population: int = 1  # configurations one Ray trial trains at once (ray_populations)
 
 
 @dataclass
@@ -198,7 +206,8 @@ def _ray_classes() -> tuple[type, type, type]:
             return {"folder": self.folder, "space": self.space}
 
         def on_trial_start(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
-            self.recorder.trial_started(trial.trial_id, trial.config)
+            for trial_id, config in _members(trial):
+                self.recorder.trial_started(trial_id, config)
 
         def on_trial_recover(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
             self.recorder.trial_restarted(trial.trial_id)
@@ -210,15 +219,21 @@ def _ray_classes() -> tuple[type, type, type]:
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
             result = trial.last_result or {}
             where = {"node": str(result.get("node", "")), "attempts": trial.num_failures + 1}
+            if MEMBERS in trial.config:
+                for (trial_id, config), row in zip(_members(trial), result.get(MEMBERS) or [],
+                                                   strict=False):  # fmt: skip
+                    self._record(trial_id, config, row, **where, population=trial.trial_id)
+                return
+            self._record(trial.trial_id, trial.config, result, **where)
+
+        def _record(self, trial_id: str, config: dict, result: dict, **where: Any) -> None:
             status = result.get("status", "ok") if result.get("final") else "stopped"
             if status == "failed":
-                self.recorder.trial_failed(
-                    trial.trial_id, trial.config, result.get("error", ""), **where
-                )
+                self.recorder.trial_failed(trial_id, config, result.get("error", ""), **where)
             elif status == "stopped":
-                self.recorder.trial_stopped(trial.trial_id, trial.config, result, **where)
+                self.recorder.trial_stopped(trial_id, config, result, **where)
             else:
-                self.recorder.trial_finished(trial.trial_id, trial.config, result, **where)
+                self.recorder.trial_finished(trial_id, config, result, **where)
 
         def on_experiment_end(self, trials, **info) -> None:  # noqa: ANN001
             self.recorder.table.flush()
@@ -226,10 +241,11 @@ def _ray_classes() -> tuple[type, type, type]:
         def on_trial_error(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
             # Only an error outside the trial's code (its retries spent) reaches here.
             result = trial.last_result or {}
-            self.recorder.trial_failed(
-                trial.trial_id, trial.config, _error_line(trial), result,
-                node=str(result.get("node", "")), attempts=trial.num_failures,
-            )  # fmt: skip
+            where = {"node": str(result.get("node", "")), "attempts": trial.num_failures}
+            if MEMBERS in trial.config:
+                where["population"] = trial.trial_id
+            for trial_id, config in _members(trial):
+                self.recorder.trial_failed(trial_id, config, _error_line(trial), **where)
 
     class AllTrialsRecorded(tune.Stopper):
         """Ends the search once every sample has its row. After a resume, Ray Tune's
@@ -257,6 +273,14 @@ def _ray_classes() -> tuple[type, type, type]:
             super().on_trial_complete(trial_id, result, error)
 
     return RecordTrials, AllTrialsRecorded, FailedIsFailSearch
+
+
+def _members(trial) -> list[tuple[str, dict[str, Any]]]:  # noqa: ANN001
+    """(trial id, config) of what a Ray trial trains: itself, or its population's members."""
+    if MEMBERS not in trial.config:
+        return [(trial.trial_id, trial.config)]
+    return [(member_id(trial.trial_id, k), config)
+            for k, config in enumerate(trial.config[MEMBERS])]  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -313,6 +337,7 @@ def _plan(space: SearchSpace, options: SearchOptions) -> _Plan:
         raise ConfigError(f"--cpus-per-trial must be > 0, got {options.cpus_per_trial}")
     if options.max_concurrent is not None and options.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {options.max_concurrent}")
+    check_population_space(space, options.population)
     if options.address:
         _check_reachable(options.address)
     device = "cuda" if gpus > 0 else "cpu"
@@ -389,14 +414,19 @@ def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources) -> An
         finished = {
             row["trial_id"]: row for row in Recorder(plan.folder, space, echo=False).table.rows
         }
+    populations = options.population > 1
     trainable = tune.with_resources(
         tune.with_parameters(
-            trial_function,
+            population_function if populations else trial_function,
             resources=resources,
             device=plan.device,
             threads=max(1, int(options.cpus_per_trial)),
             finished=finished,
-            metrics=tuple(dict.fromkeys([*space.metric_names(), JOINT_METRIC])),
+            **(
+                {}
+                if populations
+                else {"metrics": tuple(dict.fromkeys([*space.metric_names(), JOINT_METRIC]))}
+            ),
         ),
         {"cpu": options.cpus_per_trial, "gpu": plan.gpus},
     )
@@ -406,13 +436,17 @@ def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources) -> An
             str(plan.folder), trainable, resume_unfinished=True, resume_errored=False
         )
     metrics, modes = space.metric_names(), space.modes()
-    searcher = searcher_class(
-        space=Suggest(space, plan.selection),
-        metric=metrics if len(metrics) > 1 else metrics[0],
-        mode=modes if len(modes) > 1 else modes[0],
-        sampler=make_sampler(space, options.seed),
-        study_name=plan.name,
-    )
+    if populations:
+        searcher = population_searcher_class()(space, plan.selection, options.population,
+                                               options.seed)  # fmt: skip
+    else:
+        searcher = searcher_class(
+            space=Suggest(space, plan.selection),
+            metric=metrics if len(metrics) > 1 else metrics[0],
+            mode=modes if len(modes) > 1 else modes[0],
+            sampler=make_sampler(space, options.seed),
+            study_name=plan.name,
+        )
     if options.max_concurrent:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=options.max_concurrent)
     return tune.Tuner(

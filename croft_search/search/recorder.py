@@ -164,7 +164,8 @@ class Recorder:
 
     # ------------------------------------------------------------------ internals
     def _record(self, trial_id: str, config: Mapping[str, Any], metrics: Mapping[str, Any],
-                status: str, error: str, node: str = "", attempts: int = 1) -> bool:  # fmt: skip
+                status: str, error: str, node: str = "", attempts: int = 1,
+                population: str = "") -> bool:  # fmt: skip
         if trial_id in self.table.by_id or self.is_complete():
             # Recorded before (a replay), or a surplus trial of a resumed search finishing
             # in the same step as the last requested one: its child run is discarded at close.
@@ -174,11 +175,11 @@ class Recorder:
         wall = time.time() - self._started.pop(trial_id, time.time())
         self.table.add(
             trial_id, config, metrics, status, error, node=node, wall_seconds=wall,
-            attempts=attempts,
+            attempts=attempts, population=population,
         )  # fmt: skip
         self.study.add(trial_id, config, metrics, status)
         run_id = self.mlflow.call(
-            lambda t: t.finish_trial(trial_id, config, metrics, status, error)
+            lambda t: t.finish_trial(trial_id, config, metrics, status, error, population)
         )
         if run_id:
             self.table.set_run_id(trial_id, run_id)
@@ -276,7 +277,10 @@ class MlflowMirror:
 def _send_row(tracker: SearchTracker, row: Mapping[str, Any]) -> str:
     metrics = {k: v for k, v in row.items() if _is_recorded_metric(k, v)}
     error = row.get("error") or ""
-    return tracker.finish_trial(row["trial_id"], row_config(row), metrics, row["status"], error)
+    population = row.get("population") or ""
+    return tracker.finish_trial(
+        row["trial_id"], row_config(row), metrics, row["status"], error, population
+    )
 
 
 def row_config(row: Mapping[str, Any]) -> dict[str, Any]:

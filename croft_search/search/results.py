@@ -4,7 +4,8 @@ writes a trial twice.
 
 Columns (`croft_search.contract.TRIAL_COLUMNS`): trial_id, search, space, method, status
 ("ok" | "failed" | "stopped"), error, seed, selection, protocol (the trial's protocol
-settings in one string), wall_seconds, train_seconds, node, attempts, mlflow_run_id,
+settings in one string), wall_seconds, train_seconds, node, attempts, population (the
+engine trial that trained it as one member of a population, else empty), mlflow_run_id,
 finished_at; every config value as ``config/<key>``; every numeric metric (val_*, test_*,
 objective, ``<domain>/<metric>``).
 
@@ -68,6 +69,7 @@ class TrialTable:
         wall_seconds: float = float("nan"),
         mlflow_run_id: str = "",
         attempts: int = 1,
+        population: str = "",
     ) -> bool:
         """Append one finished trial and write the file; False (nothing written) if it is
         already there."""
@@ -87,6 +89,7 @@ class TrialTable:
             "train_seconds": float(metrics.get("train_seconds", float("nan"))),
             "node": node,
             "attempts": int(attempts),
+            "population": population,
             "mlflow_run_id": mlflow_run_id,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }

@@ -1,0 +1,171 @@
+"""Populations in the Ray Tune engine (``--population K``): one Ray Tune trial trains up to K
+configurations of the space at once (`croft_search.trial.population`).
+
+`PopulationSearch`, a Ray Tune searcher, asks the space's Optuna study for members (ask and
+tell, so Optuna sees every member as one of its trials), groups the asked configs that can
+share a population (`population_key`) into one Ray trial's config ``{"members": [...]}``,
+and tells every member's result back. Ray saves the searcher, its study included, with the
+experiment state, so a resumed driver goes on from it. `population_function` is what a
+worker runs; each member is then recorded as a trial of its own, ``<ray trial>_<k>``, with
+``population`` naming the Ray trial.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+import torch
+
+from croft_search.contract import is_metric
+from croft_search.errors import ConfigError
+from croft_search.search.optuna_bridge import make_sampler, run_configs, study_directions, suggest
+from croft_search.search.space import SearchSpace
+from croft_search.trial.population import population_key, population_refusal, run_population
+from croft_search.trial.runner import TrialResources
+
+MEMBERS = "members"
+
+
+def member_id(population: str, index: int) -> str:
+    return f"{population}_{index}"
+
+
+def check_population_space(space: SearchSpace, size: int) -> None:
+    """Refuse what populations do not do yet, in one line, before anything starts."""
+    if size < 1:
+        raise ConfigError(f"--population must be >= 1, got {size}")
+    if size == 1:
+        return
+    if space.scheduler:
+        raise ConfigError(
+            f"space {space.name} stops trials early (scheduler: asha); --population > 1 "
+            "trains every member to the end, so set scheduler: none or --population 1"
+        )
+    if len(space.seeds) > 1 and space.sampler != "grid":
+        raise ConfigError(
+            f"space {space.name} averages several seeds per trial; --population > 1 takes "
+            "one seed per member (use the grid sampler's seed axis) or --population 1"
+        )
+    for method in space.methods:
+        probe = run_configs(space.config_for(method, None, {}, None))[0]
+        refusal = population_refusal(probe)
+        if refusal:
+            raise ConfigError(f"--population {size}: {refusal}; use --population 1")
+
+
+class PopulationSearch:
+    """Made a Ray Tune Searcher by `searcher_class` (Ray is imported in the driver only)."""
+
+    def __init__(self, space: SearchSpace, selection: str, size: int, seed: int) -> None:
+        self.space, self.selection, self.size = space, selection, size
+        self.total = space.num_samples
+        self.study = optuna.create_study(
+            directions=study_directions(space), sampler=make_sampler(space, seed)
+        )
+        self.asked = 0
+        self.queue: list[tuple[int, dict[str, Any]]] = []  # asked members not yet placed
+        self.placed: dict[str, list[int]] = {}  # Ray trial -> its members' Optuna numbers
+
+    def next_members(self, trial_id: str) -> dict[str, Any] | None:
+        """The next population's config, or None when every sample is placed."""
+        while len(self.queue) < self.size and self.asked < self.total:
+            trial = self.study.ask()
+            config = suggest(self.space, trial) | {"selection": self.selection}
+            self.queue.append((trial.number, config))
+            self.asked += 1
+        if not self.queue:
+            return None
+        key = population_key(run_configs(self.queue[0][1])[0])
+        chosen = [m for m in self.queue if population_key(run_configs(m[1])[0]) == key]
+        chosen = chosen[: self.size]
+        self.queue = [m for m in self.queue if m not in chosen]
+        self.placed[trial_id] = [number for number, _ in chosen]
+        return {MEMBERS: [config for _, config in chosen]}
+
+    def tell(self, trial_id: str, result: Mapping[str, Any] | None) -> None:
+        numbers = self.placed.pop(trial_id, [])
+        results = list((result or {}).get(MEMBERS) or [])
+        metrics = self.space.metric_names()
+        for index, number in enumerate(numbers):
+            row = results[index] if index < len(results) else {}
+            values = [row.get(name) for name in metrics]
+            if row.get("status") == "ok" and all(isinstance(v, (int, float)) for v in values):
+                self.study.tell(number, values if len(values) > 1 else values[0])
+            else:
+                self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+
+
+def searcher_class() -> type:
+    from ray.tune.search import Searcher
+
+    class RaySearch(Searcher):
+        """`PopulationSearch` as Ray Tune's searcher; its state pickles with Ray's
+        experiment state (the Optuna study in memory, its sampler included)."""
+
+        def __init__(self, space: SearchSpace, selection: str, size: int, seed: int) -> None:
+            super().__init__(metric=None, mode=None)
+            self.search = PopulationSearch(space, selection, size, seed)
+
+        def suggest(self, trial_id: str) -> dict | str | None:
+            config = self.search.next_members(trial_id)
+            return Searcher.FINISHED if config is None else config
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                              error: bool = False) -> None:  # fmt: skip
+            self.search.tell(trial_id, None if error else result)
+
+        def save(self, checkpoint_path: str) -> None:
+            with open(checkpoint_path, "wb") as file:
+                pickle.dump(self.search, file)
+
+        def restore(self, checkpoint_path: str) -> None:
+            with open(checkpoint_path, "rb") as file:
+                self.search = pickle.load(file)
+
+    return RaySearch
+
+
+def population_function(
+    config: dict[str, Any],
+    resources: TrialResources,
+    device: str,
+    threads: int,
+    finished: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """What a Ray worker runs for one population: its members trained as one program, one
+    final report carrying every member's result (``status`` and ``error`` each). A member
+    already recorded (a resumed search) replays its row; where the population as a whole
+    fails (a member diverged), the members run one at a time, so each gets its own result."""
+    import ray
+    from ray import tune
+
+    from croft_search.search.ray_engine import run_sampled_trial
+
+    torch.set_num_threads(threads)
+    node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+    population = tune.get_context().get_trial_id()
+    members = config[MEMBERS]
+    recorded = [(finished or {}).get(member_id(population, k)) for k in range(len(members))]
+    if all(row is not None for row in recorded):
+        results = [run_sampled_trial(m, None, device, _no_report, row)
+                   for m, row in zip(members, recorded, strict=True)]  # fmt: skip
+    else:
+        if device != "cpu":
+            resources.backbone.model.to(device)
+        runs = [{**run_configs(m)[0], "device": device} for m in members]
+        try:
+            trained = run_population(runs, resources)
+            results = [{**r, "final": 1, "status": "ok", "error": ""} for r in trained]
+        except Exception:  # noqa: BLE001 - the members' own errors come from their own runs
+            results = [run_sampled_trial(m, resources, device, _no_report) for m in members]
+    clean = [{k: v for k, v in r.items() if is_metric(k) or k in ("final", "status", "error")}
+             for r in results]  # fmt: skip
+    tune.report({"final": 1, "node": node, MEMBERS: clean})
+
+
+def _no_report(row: dict[str, Any]) -> None:
+    return None
