@@ -32,8 +32,8 @@ def build_parser() -> OneLineArgumentParser:
         "--population",
         type=int,
         default=1,
-        help="configurations one Ray trial trains at once as one vectorised program "
-        "(default 1: a trial each; needs scheduler: none)",
+        help="configurations one Ray trial trains at once as one vectorised program, "
+        "halved at the space's ASHA rungs (default 1: a trial each)",
     )
     parser.add_argument(
         "--gpus-per-trial",

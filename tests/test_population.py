@@ -14,7 +14,12 @@ from torch import nn
 
 from croft_search.errors import ConfigError
 from croft_search.trial.loop import TrainingDiverged, train_epochs
-from croft_search.trial.population import population_refusal, run_population, train_population
+from croft_search.trial.population import (
+    Halving,
+    population_refusal,
+    run_population,
+    train_population,
+)
 from croft_search.trial.runner import (
     TrialResources,
     build_method,
@@ -172,3 +177,30 @@ def test_a_diverging_member_is_named(resources):
     members = [{**base, "lr": 1e-6}, {**base, "lr": 10.0, "momentum": 0.99}]
     with pytest.raises(TrainingDiverged, match="member 1: loss became"):
         run_population(members, resources)
+
+
+def test_successive_halving_stops_members_at_the_rungs_with_what_they_reached(resources):
+    base = {"method": "croft", "target_domain": TARGET, "views": 2, "epochs": 4, "shots": 4}
+    members = [
+        {**base, **member, "lambda2": lam}
+        for member, lam in zip(
+            (*MEMBERS, {"seed": 3, "lr": 0.004}), (0.5, 2.0, 8.0, 30.0), strict=True
+        )
+    ]
+    halving = Halving.asha(grace_period=1, reduction_factor=2, max_t=4)
+    assert halving.rungs == (1, 2)
+    results = run_population(members, resources, halving)
+    stopped = [r for r in results if r.get("status") == "stopped"]
+    assert sorted(r["epochs_run"] for r in stopped) == [1, 1, 2]
+    for config, result in zip(members, results, strict=True):
+        epochs = result["epochs_run"]
+        # The trial alone, its report stopping it after the same epochs (as ASHA would).
+        alone = run_trial(config, resources, report=lambda row, e=epochs: row["epoch"] + 1 >= e)
+        for key in ("val_acc", "val_auroc", "objective"):
+            assert result[key] == pytest.approx(alone[key], abs=1e-4), (epochs, key)
+        assert ("test_acc" in result) == (result.get("status") != "stopped")
+    # At the first rung the two stopped had the lower validation objectives.
+    first_rung = [r for r in stopped if r["epochs_run"] == 1]
+    survivors = [m for m, r in zip(members, results, strict=True) if r["epochs_run"] > 1]
+    at_one = [run_trial(m, resources, report=lambda row: True)["objective"] for m in survivors]
+    assert max(r["objective"] for r in first_rung) <= min(at_one) + 1e-12

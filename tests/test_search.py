@@ -262,11 +262,33 @@ def test_a_population_search_records_every_member_as_run_trial_scores_it(
     assert len(study.trials) == 5
 
 
+def test_a_population_halves_its_members_at_the_spaces_asha_rungs(tmp_path, weights, digits_root):
+    body = (
+        CROFT_BODY.replace("num_samples: 3", "num_samples: 4")
+        .replace("scheduler: none", "scheduler: {asha: {grace_period: 1, reduction_factor: 2}}")
+        .replace("epochs: 2", "epochs: 4")
+    )
+    space = load_space(str(write_space(tmp_path, "croft_halving", weights, body)))
+    options = SearchOptions(
+        storage=tmp_path / "runs", name="h", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+        data_root=str(digits_root), cache_dir=str(tmp_path / "cache"), verbose=0, population=4,
+    )  # fmt: skip
+    outcome = run_search(space, options)
+    frame = pd.read_parquet(outcome.folder / "trials.parquet").set_index("trial_id")
+    assert frame["population"].nunique() == 1
+    assert sorted(frame["status"]) == ["ok", "stopped", "stopped", "stopped"]
+    assert sorted(frame["epochs_run"]) == [1, 1, 2, 4]
+    stopped = frame[frame["status"] == "stopped"]
+    assert stopped["test_acc"].isna().all() and stopped["val_auroc"].notna().all()
+    study = optuna.load_study(study_name="h", storage=f"sqlite:///{outcome.folder / 'optuna.db'}")
+    assert len(study.trials) == 4
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--population", "0"], "--population must be >= 1"),
-        (["--space", "croft_digits", "--population", "4"], "stops trials early"),
+        (["--space", "dplclip_digits", "--population", "4"], "method dplclip"),
     ],
 )
 def test_what_populations_refuse_is_one_line(argv, message, tmp_path, capsys):

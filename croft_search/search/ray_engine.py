@@ -45,6 +45,7 @@ from croft_search.search.ray_populations import (
     check_population_space,
     member_id,
     population_function,
+    space_halving,
 )
 from croft_search.search.ray_populations import searcher_class as population_searcher_class
 from croft_search.search.recorder import Recorder
@@ -406,6 +407,7 @@ def _scheduler(space: SearchSpace) -> Any:
 def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources) -> Any:
     """A new Tuner for the plan, or the one a resumed search restores from its folder."""
     from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     space = plan.space
@@ -423,7 +425,7 @@ def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources) -> An
             threads=max(1, int(options.cpus_per_trial)),
             finished=finished,
             **(
-                {}
+                {"halving": space_halving(space)}
                 if populations
                 else {"metrics": tuple(dict.fromkeys([*space.metric_names(), JOINT_METRIC]))}
             ),
@@ -453,7 +455,8 @@ def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources) -> An
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
-            scheduler=_scheduler(space),
+            # A population halves its own members (ray_populations.space_halving).
+            scheduler=FIFOScheduler() if populations else _scheduler(space),
             num_samples=space.num_samples,
             # One worker process per concurrent slot, reused trial after trial: a fresh
             # process per trial re-imports torch and re-fetches the features, which took

@@ -24,7 +24,12 @@ from croft_search.contract import is_metric
 from croft_search.errors import ConfigError
 from croft_search.search.optuna_bridge import make_sampler, run_configs, study_directions, suggest
 from croft_search.search.space import SearchSpace
-from croft_search.trial.population import population_key, population_refusal, run_population
+from croft_search.trial.population import (
+    Halving,
+    population_key,
+    population_refusal,
+    run_population,
+)
 from croft_search.trial.runner import TrialResources
 
 MEMBERS = "members"
@@ -34,17 +39,21 @@ def member_id(population: str, index: int) -> str:
     return f"{population}_{index}"
 
 
+def space_halving(space: SearchSpace) -> Halving | None:
+    """The space's ASHA rungs as successive halving inside each population."""
+    if not space.scheduler:
+        return None
+    asha = dict(space.scheduler)
+    return Halving.asha(int(asha["grace_period"]), int(asha["reduction_factor"]),
+                        int(asha.get("max_t", space.max_epochs())))  # fmt: skip
+
+
 def check_population_space(space: SearchSpace, size: int) -> None:
     """Refuse what populations do not do yet, in one line, before anything starts."""
     if size < 1:
         raise ConfigError(f"--population must be >= 1, got {size}")
     if size == 1:
         return
-    if space.scheduler:
-        raise ConfigError(
-            f"space {space.name} stops trials early (scheduler: asha); --population > 1 "
-            "trains every member to the end, so set scheduler: none or --population 1"
-        )
     if len(space.seeds) > 1 and space.sampler != "grid":
         raise ConfigError(
             f"space {space.name} averages several seeds per trial; --population > 1 takes "
@@ -93,7 +102,10 @@ class PopulationSearch:
         for index, number in enumerate(numbers):
             row = results[index] if index < len(results) else {}
             values = [row.get(name) for name in metrics]
-            if row.get("status") == "ok" and all(isinstance(v, (int, float)) for v in values):
+            # A member halving stopped counts with the validation metrics it reached, as Ray's
+            # Optuna searcher counts a trial ASHA stopped.
+            ok = row.get("status") in ("ok", "stopped")
+            if ok and all(isinstance(v, (int, float)) for v in values):
                 self.study.tell(number, values if len(values) > 1 else values[0])
             else:
                 self.study.tell(number, state=optuna.trial.TrialState.FAIL)
@@ -135,9 +147,11 @@ def population_function(
     device: str,
     threads: int,
     finished: dict[str, dict[str, Any]] | None = None,
+    halving: Halving | None = None,
 ) -> None:
-    """What a Ray worker runs for one population: its members trained as one program, one
-    final report carrying every member's result (``status`` and ``error`` each). A member
+    """What a Ray worker runs for one population: its members trained as one program
+    (with successive halving at the space's ASHA rungs, ``halving``), one final report
+    carrying every member's result (``status`` and ``error`` each). A member
     already recorded (a resumed search) replays its row; where the population as a whole
     fails (a member diverged), the members run one at a time, so each gets its own result."""
     import ray
@@ -158,8 +172,9 @@ def population_function(
             resources.backbone.model.to(device)
         runs = [{**run_configs(m)[0], "device": device} for m in members]
         try:
-            trained = run_population(runs, resources)
-            results = [{**r, "final": 1, "status": "ok", "error": ""} for r in trained]
+            trained = run_population(runs, resources, halving)
+            results = [{**r, "final": 1, "status": r.get("status", "ok"), "error": ""}
+                       for r in trained]  # fmt: skip
         except Exception:  # noqa: BLE001 - the members' own errors come from their own runs
             results = [run_sampled_trial(m, resources, device, _no_report) for m in members]
     clean = [{k: v for k, v in r.items() if is_metric(k) or k in ("final", "status", "error")}

@@ -30,7 +30,7 @@ makes alone). The ``best_val`` checkpoint is not written for populations yet.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,8 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from croft_search.errors import ConfigError
+from croft_search.selection import objective
+from croft_search.trial.evaluate import build_score, evaluate
 from croft_search.trial.loop import TrainingDiverged, epoch_batches, learning_rate
 from croft_search.trial.runner import (
     TrialResources,
@@ -89,11 +91,34 @@ class _Member:
     score: str
 
 
+@dataclass(frozen=True)
+class Halving:
+    """Successive halving inside a population: after ``rungs`` epochs each, the members
+    still training keep the best 1 / ``reduction_factor`` of them (at least one) by their
+    validation objective (mean over target domains, as a trial reports it); the others
+    stop there, recorded with the validation metrics they reached."""
+
+    rungs: tuple[int, ...]
+    reduction_factor: int
+
+    @classmethod
+    def asha(cls, grace_period: int, reduction_factor: int, max_t: int) -> Halving:
+        """The rungs ASHA would use: grace_period * reduction_factor^k below max_t."""
+        rungs, rung = [], grace_period
+        while rung < max_t:
+            rungs.append(rung)
+            rung *= reduction_factor
+        return cls(tuple(rungs), reduction_factor)
+
+
 def run_population(
-    configs: Sequence[Mapping[str, Any]], resources: TrialResources | None = None
+    configs: Sequence[Mapping[str, Any]],
+    resources: TrialResources | None = None,
+    halving: Halving | None = None,
 ) -> list[dict[str, Any]]:
     """Train and evaluate the configs as one population; one `run_trial` result each, in
-    order. The configs must share a `population_key` and pass `population_refusal`."""
+    order, or, for a member ``halving`` stopped, its validation metrics with ``status``
+    "stopped". The configs must share a `population_key` and pass `population_refusal`."""
     if not configs:
         return []
     keys = {population_key(c) for c in configs}
@@ -120,8 +145,8 @@ def run_population(
     resources = resources or resources_for(first, targets)
     device = torch.device(first["device"])
     started = time.perf_counter()
-    per_member: list[dict[str, dict[str, float]]] = [{} for _ in members]
-    epochs_run = 0
+    hps = [m.hp for m in members]
+    runs = []
     for target in targets:
         splits = [few_shot_val(resources.splits[target], m.settings["val_shots"], m.hp["seed"])
                   for m in members]  # fmt: skip
@@ -129,17 +154,55 @@ def run_population(
                  for split, m in zip(splits, members, strict=True)]  # fmt: skip
         methods = [build_method(m.settings["method"], m.hp, resources, split, data, device)
                    for m, split, data in zip(members, splits, datas, strict=True)]  # fmt: skip
-        epochs_run = len(train_population(methods, datas, [m.hp for m in members])[0])
-        for k, (member, method) in enumerate(zip(members, methods, strict=True)):
-            per_member[k][target] = final_metrics(
-                method, splits[k], datas[k], member.score,
-                member.settings["eval_protocol"], member.hp["seed"],
-            )  # fmt: skip
+        runs.append((target, splits, datas, methods))
+    active = torch.ones(len(members), dtype=torch.bool)
+    stopped: dict[int, dict[str, Any]] = {}
+    streams = [population_epochs(methods, datas, hps, active) for _, _, datas, methods in runs]
+    epochs_run = 0
+    for epochs_run, _ in enumerate(_lockstep(streams), start=1):
+        if halving is None or epochs_run not in halving.rungs:
+            continue
+        live = [k for k in range(len(members)) if active[k]]
+        rows = {k: _validation(members[k], [(s[k], d[k], m[k]) for _, s, d, m in runs])
+                for k in live}  # fmt: skip
+        keep = max(1, len(live) // halving.reduction_factor)
+        ranked = sorted(live, key=lambda k: -rows[k]["objective"])
+        for k in ranked[keep:]:
+            active[k] = False
+            stopped[k] = {**rows[k], "epochs_run": epochs_run, "status": "stopped"}
     train_seconds = (time.perf_counter() - started) / len(members)
-    return [
-        trial_result(m.settings, m.score, per_target, epochs_run, train_seconds, resources)
-        for m, per_target in zip(members, per_member, strict=True)
-    ]
+    results: list[dict[str, Any]] = []
+    for k, member in enumerate(members):
+        if k in stopped:
+            results.append(stopped[k])
+            continue
+        per_target = {
+            target: final_metrics(methods[k], splits[k], datas[k], member.score,
+                                  member.settings["eval_protocol"], member.hp["seed"])
+            for target, splits, datas, methods in runs
+        }  # fmt: skip
+        results.append(trial_result(member.settings, member.score, per_target, epochs_run,
+                                    train_seconds, resources))  # fmt: skip
+    return results
+
+
+def _validation(member: _Member, splits: Sequence[tuple]) -> dict[str, float]:
+    """A member's validation metrics now, the mean over its target domains, and its
+    objective: what a trial reports after an epoch."""
+    rows = [evaluate(method, split, build_score(method, member.score, data), include_test=False)
+            for split, data, method in splits]  # fmt: skip
+    means = {key: sum(row[key] for row in rows) / len(rows) for key in rows[0]}
+    means["objective"] = objective(means, "val", member.settings["objective_weight"])
+    return means
+
+
+def _lockstep(streams: list) -> Any:
+    """Advance every target domain's population one epoch at a time."""
+    while True:
+        rows = [next(stream, None) for stream in streams]
+        if all(row is None for row in rows):
+            return
+        yield rows
 
 
 def train_population(
@@ -148,19 +211,35 @@ def train_population(
     """Train ``methods`` (one method class, one shape) in place as one program, each on its
     own data with its own hyper-parameters. Returns each member's log, one row per epoch
     as `train_epochs` yields it (epoch, lr, the mean of each loss part)."""
+    history: list[list[dict[str, float]]] = [[] for _ in methods]
+    active = torch.ones(len(methods), dtype=torch.bool)
+    for rows in population_epochs(methods, datas, hps, active):
+        for log, row in zip(history, rows, strict=True):
+            log.append(row)
+    return history
+
+
+def population_epochs(
+    methods: Sequence[Method],
+    datas: Sequence[TrainData],
+    hps: Sequence[dict[str, Any]],
+    active: torch.Tensor,
+) -> Iterator[list[dict[str, float]]]:
+    """Train ``methods`` (one method class, one shape) in place as one program, each on its
+    own data with its own hyper-parameters, yielding every member's log row after each
+    epoch (as `train_epochs` yields it), with the members' modules holding their weights
+    of that moment. A member whose ``active`` entry the caller sets False stops moving
+    (its learning rate is 0 from then on)."""
     for method, hp in zip(methods, hps, strict=True):
         torch.manual_seed(hp["seed"])  # as train_epochs: setup may draw random numbers
         method.setup()
     hp0 = hps[0]
     optimised = {id(p) for p in methods[0].trainable_parameters()}
     names = [n for n, p in methods[0].named_parameters() if id(p) in optimised]
-    history: list[list[dict[str, float]]] = [[] for _ in methods]
     if not names or hp0["epochs"] == 0 or len(datas[0]) == 0:
         for method in methods:
             method.eval()
-        return history
-    for method in methods:
-        method.train()
+        return
     params, buffers = stack_module_state(list(methods))
     trained = {n: params[n] for n in names}
     frozen = {n: p.detach() for n, p in params.items() if n not in trained}
@@ -174,7 +253,9 @@ def train_population(
     device = next(iter(trained.values())).device
     for epoch in range(hp0["epochs"]):
         rates = [learning_rate(epoch, hp) for hp in hps]
-        stepper.set_lr(rates)
+        stepper.set_lr([rate * bool(alive) for rate, alive in zip(rates, active, strict=True)])
+        for method in methods:
+            method.train()
         totals: dict[str, torch.Tensor] = {}
         steps = 0
         streams = [epoch_batches(g, n, n_views, epoch, hp0) for g in generators]
@@ -195,21 +276,30 @@ def train_population(
             grads = torch.autograd.grad(losses.sum(), list(trained.values()))
             stepper.step(dict(zip(trained, grads, strict=True)))
             for name, value in updates.items():
+                # State the step moves outside the optimiser (CRoFT's generator); a stopped
+                # member's stays as it was.
                 target = frozen if name in frozen else buffers
-                target[name] = value.detach()
+                keep = active.view((-1,) + (1,) * (value.dim() - 1))
+                target[name] = torch.where(keep, value.detach(), target[name])
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().double()
             steps += 1
-        for k, rows in enumerate(history):
-            means = {key: float(value[k]) / steps for key, value in totals.items()}
-            rows.append({"epoch": epoch, "lr": rates[k], **means})
+        _write_back(methods, {**trained, **frozen, **buffers})
+        yield [
+            {"epoch": epoch, "lr": rates[k],
+             **{key: float(value[k]) / steps for key, value in totals.items()}}
+            for k in range(len(methods))
+        ]  # fmt: skip
+
+
+def _write_back(methods: Sequence[Method], state: Mapping[str, torch.Tensor]) -> None:
+    """Each member's slice of the stacked state into its module, set to evaluation."""
     with torch.no_grad():
         for k, method in enumerate(methods):
             own = dict(method.named_parameters()) | dict(method.named_buffers())
-            for name, value in {**trained, **frozen, **buffers}.items():
+            for name, value in state.items():
                 own[name].copy_(value[k])
             method.eval()
-    return history
 
 
 def _stacked_values(methods: Sequence[Method], hps: Sequence[dict[str, Any]],
