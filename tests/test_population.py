@@ -204,3 +204,27 @@ def test_successive_halving_stops_members_at_the_rungs_with_what_they_reached(re
     survivors = [m for m, r in zip(members, results, strict=True) if r["epochs_run"] > 1]
     at_one = [run_trial(m, resources, report=lambda row: True)["objective"] for m in survivors]
     assert max(r["objective"] for r in first_rung) <= min(at_one) + 1e-12
+
+
+@pytest.fixture(scope="module")
+def two_targets(digits_root, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache2")
+    return TrialResources.load("digits", ["sketch", "painting"], views=2,
+                               root=str(digits_root), cache_dir=str(cache))  # fmt: skip
+
+
+def test_halving_over_several_target_domains_ranks_by_their_mean(two_targets):
+    """A member trains one split per target domain in lockstep, as run_trial does; the
+    rung compares the mean over the splits, which run_trial reports."""
+    base = {"method": "croft", "target_domain": ["sketch", "painting"], "views": 2,
+            "epochs": 3, "shots": 4}  # fmt: skip
+    members = [{**base, "seed": seed, "lambda2": lam} for seed, lam in ((0, 0.5), (1, 20.0))]
+    results = run_population(members, two_targets, Halving((1,), 2))
+    assert sorted(r.get("status", "ok") for r in results) == ["ok", "stopped"]
+    for config, result in zip(members, results, strict=True):
+        epochs = result["epochs_run"]
+        alone = run_trial(config, two_targets, report=lambda row, e=epochs: row["epoch"] + 1 >= e)
+        for key in ("val_acc", "val_auroc", "objective"):
+            assert result[key] == pytest.approx(alone[key], abs=1e-4), (epochs, key)
+        if result.get("status") != "stopped":
+            assert result["sketch/test_acc"] == pytest.approx(alone["sketch/test_acc"], abs=1e-4)

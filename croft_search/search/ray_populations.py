@@ -24,6 +24,7 @@ from croft_search.contract import is_metric
 from croft_search.errors import ConfigError
 from croft_search.search.optuna_bridge import make_sampler, run_configs, study_directions, suggest
 from croft_search.search.space import SearchSpace
+from croft_search.trial.loop import TrainingDiverged
 from croft_search.trial.population import (
     Halving,
     population_key,
@@ -153,7 +154,8 @@ def population_function(
     (with successive halving at the space's ASHA rungs, ``halving``), one final report
     carrying every member's result (``status`` and ``error`` each). A member
     already recorded (a resumed search) replays its row; where the population as a whole
-    fails (a member diverged), the members run one at a time, so each gets its own result."""
+    fails because a member diverged, the members run one at a time, so only that one fails;
+    any other error fails every member with it."""
     import ray
     from ray import tune
 
@@ -175,8 +177,12 @@ def population_function(
             trained = run_population(runs, resources, halving)
             results = [{**r, "final": 1, "status": r.get("status", "ok"), "error": ""}
                        for r in trained]  # fmt: skip
-        except Exception:  # noqa: BLE001 - the members' own errors come from their own runs
+        except TrainingDiverged:
+            # One member's loss diverged: each member alone, so only that one fails.
             results = [run_sampled_trial(m, resources, device, _no_report) for m in members]
+        except Exception as err:  # noqa: BLE001 - recorded for every member, the search goes on
+            line = f"{type(err).__name__}: {' '.join(str(err).split())}"
+            results = [{"final": 1, "status": "failed", "error": line} for _ in members]
     clean = [{k: v for k, v in r.items() if is_metric(k) or k in ("final", "status", "error")}
              for r in results]  # fmt: skip
     tune.report({"final": 1, "node": node, MEMBERS: clean})

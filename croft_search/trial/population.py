@@ -47,6 +47,7 @@ from croft_search.trial.runner import (
     few_shot_train,
     few_shot_val,
     final_metrics,
+    mean_rows,
     resources_for,
     score_for,
     split_config,
@@ -191,7 +192,7 @@ def _validation(member: _Member, splits: Sequence[tuple]) -> dict[str, float]:
     objective: what a trial reports after an epoch."""
     rows = [evaluate(method, split, build_score(method, member.score, data), include_test=False)
             for split, data, method in splits]  # fmt: skip
-    means = {key: sum(row[key] for row in rows) / len(rows) for key in rows[0]}
+    means = mean_rows(rows)
     means["objective"] = objective(means, "val", member.settings["objective_weight"])
     return means
 

@@ -246,13 +246,13 @@ def run_trial(
         if best is not None:
             for keeper, (_, split, _, method, _) in zip(best, runs, strict=True):
                 keeper.offer(method, split, len(history))
-        row = _mean_rows(epoch_rows)
+        row = mean_rows(epoch_rows)
         if report is not None:
             validation = [
                 evaluate(method, split, build_score(method, score_name, data), False)
                 for _, split, data, method, _ in runs
             ]
-            row |= _mean_rows(validation)
+            row |= mean_rows(validation)
             row["objective"] = objective(row, "val", settings["objective_weight"])
             history.append(row)
             if report(row):
@@ -289,7 +289,7 @@ def trial_result(
     """A trial's result from its splits' metrics: their means, each split's figures as
     ``<target>/<metric>`` where there are several, the objective and the trial's labels."""
     targets = list(per_target)
-    result: dict[str, Any] = _mean_rows(list(per_target.values()))
+    result: dict[str, Any] = mean_rows(list(per_target.values()))
     for target, metrics in per_target.items():
         if len(targets) > 1:
             result |= {f"{target}/{key}": value for key, value in metrics.items()}
@@ -360,7 +360,7 @@ def _lockstep(iterators: list) -> Any:
         yield rows
 
 
-def _mean_rows(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+def mean_rows(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     keys = dict.fromkeys(k for row in rows for k in row)
     means = {}
     for key in keys:
