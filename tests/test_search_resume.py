@@ -205,3 +205,17 @@ def test_trials_parquet_keeps_real_types(search):
     assert str(frame["config/n_ctx"].dtype) == "Int64" and pd.isna(frame.loc["b", "config/n_ctx"])
     assert str(frame["seed"].dtype) == "Int64" and frame.loc["a", "seed"] == 3
     assert pd.isna(frame.loc["b", "seed"]) and frame.loc["b", "config/seeds"] == "0,1,2"
+
+
+def test_trials_that_finish_together_cost_one_write(search):
+    folder, space, uri = search
+    recorder = Recorder(folder, space, echo=False)
+    with recorder.together():
+        for index in range(3):
+            assert recorder.trial_finished(f"p_{index}", config(float(index)), OK)
+            assert Recorder.recorded_count(folder) == 0  # not yet written
+        assert recorder.trial_finished("p_0", config(0.0), OK) is False  # still once
+    assert Recorder.recorded_count(folder) == 3
+    assert set(live_child_runs(uri, folder)) == {"p_0", "p_1", "p_2"}
+    rows = pd.read_parquet(folder / TRIALS_FILE)
+    assert rows["mlflow_run_id"].str.len().gt(0).all()

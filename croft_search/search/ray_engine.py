@@ -221,9 +221,10 @@ def _ray_classes() -> tuple[type, type, type]:
             result = trial.last_result or {}
             where = {"node": str(result.get("node", "")), "attempts": trial.num_failures + 1}
             if MEMBERS in trial.config:
-                for (trial_id, config), row in zip(_members(trial), result.get(MEMBERS) or [],
-                                                   strict=False):  # fmt: skip
-                    self._record(trial_id, config, row, **where, population=trial.trial_id)
+                with self.recorder.together():
+                    for (trial_id, config), row in zip(_members(trial), result.get(MEMBERS) or [],
+                                                       strict=False):  # fmt: skip
+                        self._record(trial_id, config, row, **where, population=trial.trial_id)
                 return
             self._record(trial.trial_id, trial.config, result, **where)
 

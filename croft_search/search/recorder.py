@@ -15,12 +15,13 @@ driver died is completed from the table on the next open.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,19 @@ class Recorder:
     def trial_failed(self, trial_id: str, config: Mapping[str, Any], error: str,
                      metrics: Mapping[str, Any] | None = None, **where: Any) -> bool:  # fmt: skip
         return self._record(trial_id, config, metrics or {}, "failed", error, **where)
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Record several trials that finished together (a population's members) with one
+        write of trials.parquet, when the block ends. A driver killed inside the block
+        leaves their MLflow runs without rows, which the next recorder discards, and the
+        engine runs them again: still once each."""
+        self.table.deferred = True
+        try:
+            yield
+        finally:
+            self.table.deferred = False
+            self.table.flush()
 
     def close(self, summary: Mapping[str, Any]) -> None:
         """End the search: the table flushed, unrecorded attempts' child runs discarded

@@ -42,6 +42,9 @@ class TrialTable:
             self.rows = pd.read_parquet(self.path).to_dict("records")
         self.by_id = {row["trial_id"]: row for row in self.rows}
         self._dirty = False
+        # While True, add() keeps rows in memory until flush(): several trials that finish
+        # together (a population's members) cost one rewrite of the file.
+        self.deferred = False
 
     @property
     def trial_ids(self) -> set[str]:
@@ -71,8 +74,8 @@ class TrialTable:
         attempts: int = 1,
         population: str = "",
     ) -> bool:
-        """Append one finished trial and write the file; False (nothing written) if it is
-        already there."""
+        """Append one finished trial and write the file (at the next flush while
+        ``deferred``); False (nothing written) if it is already there."""
         if trial_id in self.by_id:
             return False
         row: dict[str, Any] = {
@@ -103,7 +106,10 @@ class TrialTable:
         }
         self.rows.append(row)
         self.by_id[trial_id] = row
-        self.write()
+        if self.deferred:
+            self._dirty = True
+        else:
+            self.write()
         return True
 
     def set_run_id(self, trial_id: str, run_id: str) -> None:
