@@ -37,7 +37,7 @@ SEARCH_SAMPLES = 10
 # Columns that hold wall times, ids or timestamps: they differ from run to run by nature.
 VOLATILE = ("seconds", "trial_id", "mlflow_run_id", "finished_at", "search", "node")
 # Columns a change adds on purpose (named in its commit): absent before, not a difference.
-ADDED_COLUMNS = ("attempts",)
+ADDED_COLUMNS = ("attempts", "population")
 
 
 def _round(value: Any) -> Any:

@@ -1,8 +1,8 @@
 """How fast the driver records finished trials: N synthetic trials (a CRoFT config, the
 metrics run_trial reports over four target domains, 20 epochs of curves) fed to a
 `Recorder` on a fresh search folder with a SQLite MLflow store, as the search's driver
-feeds them. Prints trials/s for the whole recording (parquet, Optuna mirror, MLflow) and
-for each store alone; issue #14's target is at least 20 trials/s.
+feeds them. Prints trials/s for the whole recording (parquet, Optuna mirror, MLflow);
+the target is at least 20 trials/s.
 
     python bench/recording_speed.py [--trials 200]
 """

@@ -16,8 +16,8 @@ from searches import live_child_runs
 
 from croft_search.contract import OPTUNA_FILE, SEARCH_FILE, TRIALS_FILE
 from croft_search.search.folder import create_folder
-from croft_search.search.ray_engine import run_sampled_trial
 from croft_search.search.recorder import Recorder
+from croft_search.search.sampled_trial import run_sampled_trial
 from croft_search.search.space import load_space
 from croft_search.sync import main as sync_main
 from croft_search.sync import sync_folder

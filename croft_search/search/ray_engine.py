@@ -21,7 +21,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +34,11 @@ from croft_search.contract import (
     TEST_PREFIX,
     VAL_PREFIX,
     config_key,
-    is_metric,
 )
 from croft_search.errors import ConfigError, CroftError
 from croft_search.fronts import pareto_ranks
 from croft_search.search.folder import check_same_space, create_folder, resolve_folder
-from croft_search.search.optuna_bridge import make_sampler, run_configs, suggest
+from croft_search.search.optuna_bridge import make_sampler, suggest
 from croft_search.search.ray_populations import (
     MEMBERS,
     check_population_space,
@@ -49,8 +48,10 @@ from croft_search.search.ray_populations import (
 )
 from croft_search.search.ray_populations import searcher_class as population_searcher_class
 from croft_search.search.recorder import Recorder
+from croft_search.search.results import is_missing
+from croft_search.search.sampled_trial import run_sampled_trial
 from croft_search.search.space import SearchSpace
-from croft_search.trial.runner import TrialResources, load_resources, run_trial
+from croft_search.trial.runner import TrialResources, load_resources
 
 TUNE_FILE_LOGGERS_SWITCH = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 # A trial reports once per epoch, then once more with its final (test) metrics: ASHA's
@@ -97,46 +98,6 @@ class SearchOutcome:
 
 
 # --------------------------------------------------------------------------- the trial side
-def run_sampled_trial(
-    config: Mapping[str, Any],
-    resources: TrialResources | None,
-    device: str,
-    report: Callable[[dict[str, Any]], None],
-    recorded: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One sampled trial, engine-neutral: ``report`` gets every epoch's validation metrics
-    (``final`` 0) and returns nothing; the return value is the final result, ``final`` 1
-    with its ``status`` ("ok", "failed" with a one-line ``error``, or a replayed
-    "stopped").
-
-    ``recorded`` is the trial's row where the search already holds one (a resumed engine
-    can bring back as unfinished a trial that finished just before the driver died): the
-    recorded result is returned instead of training again."""
-    if recorded is not None:
-        metrics = {k: v for k, v in recorded.items() if is_metric(k) and not _missing(v)}
-        return {**metrics, "final": 1, "status": recorded["status"],
-                "error": recorded.get("error") or "", "node": recorded.get("node", "")}  # fmt: skip
-    runs = run_configs(config)
-    started = time.perf_counter()
-    try:
-        if len(runs) == 1:
-            result = run_trial(
-                {**runs[0], "device": device},
-                resources,
-                report=lambda row: report({**row, "final": 0}),
-            )
-        else:
-            # Several seeds per trial: their mean is the trial's result (no per-epoch reports,
-            # so ASHA sees only the final one).
-            result = _mean_result([run_trial({**run, "device": device}, resources) for run in runs])
-    except Exception as err:  # noqa: BLE001 - every trial error is recorded, the search goes on
-        message = " ".join(str(err).split()) or type(err).__name__
-        return {"final": 1, "status": "failed", "error": f"{type(err).__name__}: {message}"}
-    # Time inside run_trial, so a benchmark can tell trial work from search overhead.
-    result["trial_seconds"] = time.perf_counter() - started
-    return {**result, "final": 1, "status": "ok", "error": ""}
-
-
 def trial_function(
     config: dict[str, Any],
     resources: TrialResources,
@@ -163,14 +124,6 @@ def trial_function(
     if final["status"] == "failed":
         final = {**dict.fromkeys(metrics, math.nan), **final}
     tune.report({"node": node, **final})
-
-
-def _mean_result(results: list[dict[str, Any]]) -> dict[str, Any]:
-    merged = dict(results[0])
-    for key, value in results[0].items():
-        if isinstance(value, float):
-            merged[key] = sum(r[key] for r in results) / len(results)
-    return merged
 
 
 # --------------------------------------------------------------------------- the driver side
@@ -401,7 +354,7 @@ def _scheduler(space: SearchSpace) -> Any:
     if not space.scheduler:
         return FIFOScheduler()
     asha = dict(space.scheduler)
-    asha["max_t"] = int(asha.get("max_t", space.max_epochs())) + FINAL_REPORTS
+    asha["max_t"] = int(asha["max_t"]) + FINAL_REPORTS
     return ASHAScheduler(time_attr="training_iteration", metric=JOINT_METRIC, mode="max", **asha)
 
 
@@ -557,15 +510,9 @@ def _best_rows(ok, space: SearchSpace) -> list[dict[str, Any]]:  # noqa: ANN001
         if config_key(c) or c.startswith((VAL_PREFIX, TEST_PREFIX)) or c in BEST_ROW_KEYS
     ]
     return [
-        {k: (None if _missing(v) else v) for k, v in row.items()}
+        {k: (None if is_missing(v) else v) for k, v in row.items()}
         for row in chosen[keep].to_dict("records")
     ]
 
 
-def _missing(value: Any) -> bool:
-    import pandas as pd
-
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
-
-
-__all__ = ["SearchOptions", "SearchOutcome", "run_search", "run_sampled_trial", "CroftError"]
+__all__ = ["SearchOptions", "SearchOutcome", "run_search", "CroftError"]

@@ -23,6 +23,7 @@ import torch
 from croft_search.contract import is_metric
 from croft_search.errors import ConfigError
 from croft_search.search.optuna_bridge import make_sampler, run_configs, study_directions, suggest
+from croft_search.search.sampled_trial import run_sampled_trial
 from croft_search.search.space import SearchSpace
 from croft_search.trial.loop import TrainingDiverged
 from croft_search.trial.population import (
@@ -46,7 +47,7 @@ def space_halving(space: SearchSpace) -> Halving | None:
         return None
     asha = dict(space.scheduler)
     return Halving.asha(int(asha["grace_period"]), int(asha["reduction_factor"]),
-                        int(asha.get("max_t", space.max_epochs())))  # fmt: skip
+                        int(asha["max_t"]))  # fmt: skip
 
 
 def check_population_space(space: SearchSpace, size: int) -> None:
@@ -158,8 +159,6 @@ def population_function(
     any other error fails every member with it."""
     import ray
     from ray import tune
-
-    from croft_search.search.ray_engine import run_sampled_trial
 
     torch.set_num_threads(threads)
     node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 import time
@@ -25,8 +24,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pandas as pd
 
 from croft_search.contract import (
     CONFIG_PREFIX,
@@ -37,7 +34,7 @@ from croft_search.contract import (
 )
 from croft_search.errors import ConfigError
 from croft_search.search.optuna_bridge import StudyMirror
-from croft_search.search.results import TrialTable
+from croft_search.search.results import TrialTable, is_missing
 from croft_search.search.space import SearchSpace
 from croft_search.tracking import SearchTracker
 
@@ -302,7 +299,7 @@ def row_config(row: Mapping[str, Any]) -> dict[str, Any]:
     config = {}
     for column, value in row.items():
         key = config_key(column)
-        if key is None or _missing(value):
+        if key is None or is_missing(value):
             continue
         config[key] = value.item() if hasattr(value, "item") else value
     return config
@@ -314,9 +311,5 @@ def _is_recorded_metric(key: str, value: Any) -> bool:
         and not str(key).startswith(CONFIG_PREFIX)
         and isinstance(value, (int, float))
         and not isinstance(value, bool)
-        and not _missing(value)
+        and not is_missing(value)
     )
-
-
-def _missing(value: Any) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))

@@ -147,9 +147,14 @@ def typed_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return frame
 
 
+def is_missing(value: Any) -> bool:
+    """Whether a recorded value is null: None, pandas' NA or NaN."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
 def _plain(value: Any) -> Any:
     """A value as Python holds it: numpy scalars unwrapped, every kind of null None."""
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+    if is_missing(value):
         return None
     return value.item() if hasattr(value, "item") else value
 
