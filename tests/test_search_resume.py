@@ -15,12 +15,14 @@ from mlflow.tracking import MlflowClient
 from searches import live_child_runs
 
 from croft_search.contract import OPTUNA_FILE, SEARCH_FILE, TRIALS_FILE
+from croft_search.search import recorder as recorder_module
 from croft_search.search.folder import create_folder
 from croft_search.search.recorder import Recorder
 from croft_search.search.sampled_trial import run_sampled_trial
 from croft_search.search.space import load_space
 from croft_search.sync import main as sync_main
 from croft_search.sync import sync_folder
+from croft_search.tracking import SearchTracker
 
 SPACE = "method: croft\nfixed: {epochs: 2}\nsearch: {lambda1: {uniform: [0, 15]}}\nnum_samples: 3\n"
 
@@ -144,7 +146,8 @@ def _dead_uri() -> str:
     return f"http://127.0.0.1:{port}"  # nothing listens there once the probe is closed
 
 
-def test_mlflow_down_loses_nothing_and_sync_sends_the_rest(search, capsys):
+def test_mlflow_down_loses_nothing_and_sync_sends_the_rest(search, capsys, monkeypatch):
+    monkeypatch.setattr(recorder_module, "MLFLOW_END_PATIENCE_SECONDS", 0.0)
     folder, space, uri = search
     meta_file = folder / SEARCH_FILE
     meta = json.loads(meta_file.read_text())
@@ -175,6 +178,32 @@ def test_mlflow_down_loses_nothing_and_sync_sends_the_rest(search, capsys):
     assert sync_folder(folder, uri) == (0, 0)  # nothing sent twice
     parent = MlflowClient(uri).get_run(meta["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED"
+
+
+def test_mlflow_failing_just_before_the_end_still_gets_every_trial(search, monkeypatch):
+    """A server that fails the last trial's run, moments before the search ends (inside the
+    retry window), and answers again: the search's end sends that trial all the same."""
+    monkeypatch.setattr(recorder_module, "MLFLOW_END_RETRY_SECONDS", 0.1)
+    folder, space, uri = search
+    finish_trial = SearchTracker.finish_trial
+    failures = iter([True])
+
+    def flaky(tracker, trial_id, *args, **kwargs):
+        if trial_id == "t3" and next(failures, False):
+            raise ConnectionError("503 Service Unavailable")
+        return finish_trial(tracker, trial_id, *args, **kwargs)
+
+    monkeypatch.setattr(SearchTracker, "finish_trial", flaky)
+    recorder = Recorder(folder, space, echo=False)
+    record_three(recorder)
+    assert recorder.mlflow.missing(recorder.table) == 1
+    recorder.close({"trials": 3})
+    runs = live_child_runs(uri, folder)
+    assert {k: r.info.status for k, r in runs.items()} == {
+        "t1": "FINISHED", "t2": "FAILED", "t3": "KILLED"
+    }  # fmt: skip
+    frame = pd.read_parquet(folder / TRIALS_FILE).set_index("trial_id")
+    assert frame["mlflow_run_id"].to_dict() == {k: r.info.run_id for k, r in runs.items()}
 
 
 def test_a_row_written_before_its_run_is_completed_on_the_next_open(search):

@@ -9,8 +9,9 @@ engine's trial id; it keeps every trial exactly once in the three places a searc
 A trial already recorded is never recorded again, so an engine may replay events after a
 resume. MLflow may fail or be unreachable at any moment: the search goes on, the trials it
 missed are sent when it answers again (retried every `MLFLOW_RETRY_SECONDS`), when the
-search ends, or by ``python -m croft_search.sync FOLDER``; a run half-written when the
-driver died is completed from the table on the next open.
+search ends (retried for `MLFLOW_END_PATIENCE_SECONDS`), or by
+``python -m croft_search.sync FOLDER``; a run half-written when the driver died is
+completed from the table on the next open.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ from croft_search.tracking import SearchTracker
 # After an MLflow failure, the recorder stops calling it (each call to a dead server costs
 # its timeout) and tries again this often.
 MLFLOW_RETRY_SECONDS = 15.0
+# The search's end is the last chance to send what MLflow missed without the sync command:
+# it tries at once, whatever the retry window, and again every `MLFLOW_END_RETRY_SECONDS`
+# for this long (a server just restarted can fail its first requests on a busy machine).
+MLFLOW_END_PATIENCE_SECONDS = 30.0
+MLFLOW_END_RETRY_SECONDS = 5.0
 # How long one MLflow HTTP request may take before it counts as failed, and how often it
 # is retried, unless the user's MLFLOW_HTTP_REQUEST_* variables say otherwise (MLflow's
 # own defaults, minutes of retries, would stall the driver and the trials it schedules).
@@ -161,7 +167,7 @@ class Recorder:
         """End the search: the table flushed, unrecorded attempts' child runs discarded
         (trials still running when the last sample's row arrived), the parent finished."""
         self.table.flush()
-        self.mlflow.sync(self.table)
+        self.mlflow.sync_at_end(self.table)
         self.mlflow.call(lambda t: t.discard_unrecorded(self.table.trial_ids))
         self.mlflow.call(lambda t: t.finish_parent(summary))
         if self.mlflow.missing(self.table):
@@ -283,6 +289,20 @@ class MlflowMirror:
                 table.set_run_id(trial_id, run_id)
         table.flush()
         return sent
+
+    def sync_at_end(self, table: TrialTable) -> int:
+        """`sync`, tried now even inside the retry window, and retried for up to
+        `MLFLOW_END_PATIENCE_SECONDS` while MLflow fails; returns how many were sent."""
+        deadline = time.monotonic() + MLFLOW_END_PATIENCE_SECONDS
+        sent = 0
+        while True:
+            if self.tracker is not None or self._connect():
+                sent += self.sync(table)
+                if self.tracker is not None:
+                    return sent
+            if time.monotonic() + MLFLOW_END_RETRY_SECONDS > deadline:
+                return sent
+            time.sleep(MLFLOW_END_RETRY_SECONDS)
 
 
 def _send_row(tracker: SearchTracker, row: Mapping[str, Any]) -> str:
