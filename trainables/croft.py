@@ -22,8 +22,8 @@ again). In value and gradient this is what autograd and the paper's double backw
 ``autograd.grad(E, theta, create_graph=True)`` give (`edr_penalty`); the tests hold the two
 together in every branch. The generator's inner steps use their gradient in closed form
 too. bench/trial_speed.py times the effect. A population of members
-(`croft_search.trial.population`) runs the same equations by plain autograd under vmap
-(`_population_loss`), with each member's weights and ratios as tensors.
+(`croft_search.trial.population`) runs this objective under vmap (`_population_loss`),
+with each member's weights and ratios as tensors.
 
 Switches, all plain hyper-parameters so a search grid can express the paper's ablations:
 - lambda1 = 0 turns the generator off entirely (no parameter, no loss, no inner steps).
@@ -65,8 +65,8 @@ from trainables.croft_objective import (
     ObjectiveSettings,
     Unit,
     adapt,
-    same_class_similarity,
-    step_generator,
+    generator_steps,
+    objective_gradients,
     unit,
 )
 from trainables.registry import register_method
@@ -205,8 +205,11 @@ class CRoFT(Method):
 
         eye = torch.eye(dim, device=context.device)
         # An adapter whose ratio is 0 cannot change the output: a buffer, so it never trains.
-        self._adapter("image_adapter", eye, trains=self.ratio_image > 0)
-        self._adapter("text_adapter", eye, trains=self.ratio_text > 0)
+        # Kept as flags too: inside a population's vmap a tensor does not say whether it
+        # requires grad.
+        self.trained_adapters = (self.ratio_image > 0, self.ratio_text > 0)
+        self._adapter("image_adapter", eye, trains=self.trained_adapters[0])
+        self._adapter("text_adapter", eye, trains=self.trained_adapters[1])
         self.generator = nn.Parameter(eye.clone()) if self.use_generator else None
         self.register_buffer("identity", eye, persistent=False)
 
@@ -268,60 +271,81 @@ class CRoFT(Method):
             if p.requires_grad and (p is not self.generator or self.generator_in_main_optimizer)
         ]
 
-    def objective_settings(self) -> ObjectiveSettings:
+    def objective_settings(self, numbers: dict[str, Any] | None = None) -> ObjectiveSettings:
+        """The objective's settings; ``numbers`` (`member_values`' keys) as Python floats
+        from the hyper-parameters by default, or a population member's 0-dim tensors."""
+        numbers = numbers or type(self).member_values(self.hp)
+        ratios = (numbers["ratio_image"], numbers["ratio_text"])
         edr = None
-        if self.lambda2 > 0 and self.adapter_parameters():
+        if self.lambda2 > 0 and any(self.trained_adapters):
             edr = EDRSpec(
-                (self.ratio_image, self.ratio_text),
-                (self.image_adapter.requires_grad, self.text_adapter.requires_grad),
+                ratios,
+                self.trained_adapters,
                 self.edr_energy,
                 self.edr_reduction,
             )
         return ObjectiveSettings(
             logit_scale=self.logit_scale,
-            ratios=(self.ratio_image, self.ratio_text),
-            lambda1=self.lambda1,
+            ratios=ratios,
+            lambda1=numbers["lambda1"],
             shift_sign=-1.0 if self.worst_case else 1.0,
-            lambda2=self.lambda2,
+            lambda2=numbers["lambda2"],
             edr=edr,
             edr_on_shifted=self.edr_on_shifted,
         )
+
+    def _objective_inputs(
+        self,
+        passed: AdapterPass,
+        labels: torch.Tensor,
+        numbers: dict[str, Any],
+        step_generator_first: bool,
+    ) -> tuple[Batch, ObjectiveSettings, torch.Tensor | None]:
+        """The objective's batch, settings and generator for one adapter pass; with
+        ``step_generator_first`` (training) G has taken its inner steps, on the same
+        adapter outputs, which its steps do not change. Worst case: the adapters play
+        against a fixed G; joint: G trains with them."""
+        with torch.no_grad():
+            batch = Batch.of(passed.image.value, labels, passed.raw_text.shape[0])
+            settings = self.objective_settings(numbers)
+            generator = self.generator if self.use_generator else None
+            if self.worst_case:
+                generator = generator.detach()
+                if step_generator_first:
+                    generator = generator_steps(
+                        generator, passed.image.value, passed.text.value, batch, settings,
+                        self.gen_steps, numbers["gen_lr"],
+                    )  # fmt: skip
+        return batch, settings, generator
 
     def _losses(
         self, features: torch.Tensor, labels: torch.Tensor, step_generator_first: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, {"ce", "shift", "edr"} of this branch) from one pass over the adapters,
-        so the text side (the text encoder when n_ctx > 0) runs once per step; with
-        ``step_generator_first`` (training) G first takes its inner steps, on the same
-        adapter outputs, which its steps do not change."""
+        so the text side (the text encoder when n_ctx > 0) runs once per step."""
         raw_text = self.raw_text()  # a graph into the prompt learner when n_ctx > 0
         with torch.no_grad():
             passed = self.adapter_pass(features, raw_text.detach())
-            batch = Batch.of(passed.image.value, labels, raw_text.shape[0])
-            settings = self.objective_settings()
-            if step_generator_first and self.worst_case:
-                step_generator(
-                    self.generator,
-                    passed.image.value,
-                    passed.text.value,
-                    batch,
-                    settings,
-                    self.gen_steps,
-                    self.hp["gen_lr"],
-                )
-        # Worst case: the adapters play against a fixed G; joint: G trains with them.
-        generator = None
-        if self.use_generator:
-            generator = self.generator.detach() if self.worst_case else self.generator
+        numbers = type(self).member_values(self.hp)
+        batch, settings, generator = self._objective_inputs(
+            passed, labels, numbers, step_generator_first
+        )
+        if step_generator_first and self.worst_case:
+            with torch.no_grad():
+                self.generator.copy_(generator)
         loss, ce, shift, edr = CRoFTObjective.apply(
             self.image_adapter, self.text_adapter, generator, raw_text, passed, batch, settings
         )
+        return loss, self._terms(ce, shift, edr, settings)
+
+    def _terms(self, ce: torch.Tensor, shift: torch.Tensor, edr: torch.Tensor,
+               settings: ObjectiveSettings) -> dict[str, torch.Tensor]:  # fmt: skip
         terms = {"ce": ce}
         if self.use_generator:
             terms["shift"] = shift
         if settings.edr is not None:
             terms["edr"] = edr
-        return loss, terms
+        return terms
 
     def population_loss(self, values, features, labels, domains):  # noqa: ANN001, ANN201
         return _population_loss(self, values, features, labels)
@@ -358,82 +382,32 @@ def _population_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The paper's loss of one population member by plain autograd, vmap-ready: the
-    adapter ratios and the weights are the member's 0-dim tensors, the generator's inner
-    steps and the EDR's dE/dtheta are `torch.func.grad` (so the EDR term is the paper's
-    double backward). The same equations as the hand-written objective; tests hold the two
-    to each other through whole trainings."""
-    identity, scale = method.identity, method.logit_scale
+    """One population member's step by the hand-written objective, vmap-ready: its weights
+    and ratios are the member's 0-dim tensors and the gradients come from
+    `objective_gradients` outright. The returned loss has the loss's value and, by
+    autograd, exactly those gradients: ``<p, dL/dp>`` with dL/dp fixed, for each trained
+    p (the learned prompts' text features g too, so autograd carries dL/dg through the
+    text encoder); its value part is the loss itself."""
     raw_text = method.raw_text()
-
-    def image_of(weight: torch.Tensor) -> torch.Tensor:
-        return F.normalize(
-            features + values["ratio_image"] * features @ (weight - identity).T, dim=-1
+    fixed_text = raw_text.detach()
+    with torch.no_grad():
+        image = unit(adapt(features, method.image_adapter, values["ratio_image"], method.identity))
+        text = unit(adapt(fixed_text, method.text_adapter, values["ratio_text"], method.identity))
+        passed = AdapterPass(features, fixed_text, image, text)
+    batch, settings, generator = method._objective_inputs(passed, labels, values, True)
+    joint = method.use_generator and not method.worst_case
+    needs = (*method.trained_adapters, joint, method.prompt_learner is not None)
+    with torch.no_grad():
+        (loss, ce, shift, edr), grads = objective_gradients(
+            generator, method.text_adapter, passed, batch, settings, needs
         )
-
-    def text_of(weight: torch.Tensor) -> torch.Tensor:
-        return F.normalize(
-            raw_text + values["ratio_text"] * raw_text @ (weight - identity).T, dim=-1
-        )
-
-    image, text = image_of(method.image_adapter), text_of(method.text_adapter)
-    ce = F.cross_entropy(scale * image @ text.T, labels)
-    loss, parts, updates = ce, {"ce": ce}, {}
-    generator = None
-    if method.use_generator:
-        generator = method.generator
-        if method.worst_case:
-            fixed_image, fixed_text = image.detach(), text.detach()
-
-            def generator_loss(weight: torch.Tensor) -> torch.Tensor:
-                moved = F.normalize(fixed_image @ weight + fixed_image, dim=-1)
-                pulled = same_class_similarity(moved, fixed_image, labels)
-                return (
-                    F.cross_entropy(scale * moved @ fixed_text.T, labels)
-                    + values["lambda1"] * pulled
-                )
-
-            generator = generator.detach()
-            for _ in range(method.gen_steps):
-                generator = generator - values["gen_lr"] * torch.func.grad(generator_loss)(
-                    generator
-                )
-            updates["generator"] = generator
-        shifted = F.normalize(image @ generator + image, dim=-1)
-        sign = -1.0 if method.worst_case else 1.0
-        pulled = same_class_similarity(shifted, image, labels)
-        shift_term = (
-            F.cross_entropy(scale * shifted @ text.T, labels) + sign * values["lambda1"] * pulled
-        )
-        loss = loss + shift_term
-        parts["shift"] = shift_term
-    # Which adapters train (a zero ratio makes one a buffer); read from the ratios, since a
-    # tensor inside vmap does not say whether it requires grad.
-    trained = [method.ratio_image > 0, method.ratio_text > 0]
-    if method.lambda2 > 0 and any(trained):
-        adapters = (method.image_adapter, method.text_adapter)
-        argnums = tuple(index for index, grad in enumerate(trained) if grad)
-
-        def penalty(shift_by: torch.Tensor | None) -> torch.Tensor:
-            def energy_of(image_weight: torch.Tensor, text_weight: torch.Tensor) -> torch.Tensor:
-                points = image_of(image_weight)
-                if shift_by is not None:
-                    points = F.normalize(points @ shift_by + points, dim=-1)
-                return energy(points, text_of(text_weight), method.edr_energy)
-
-            grads = torch.func.grad(energy_of, argnums=argnums)(*adapters)
-            total = sum(g.pow(2).sum() for g in grads)
-            if method.edr_reduction == "mean":
-                total = total / sum(g.numel() for g in grads)
-            return total
-
-        value = penalty(None)
-        if method.edr_on_shifted:
-            value = value + penalty(generator)
-        edr = values["lambda2"] * value
-        loss = loss + edr
-        parts["edr"] = edr
-    return loss, parts, updates
+    params = (method.image_adapter, method.text_adapter, method.generator, raw_text)
+    along = [(p * g).sum() for p, g, need in zip(params, grads, needs, strict=True) if need]
+    if along:
+        pulled = torch.stack(along).sum()
+        loss = loss + (pulled - pulled.detach())
+    updates = {"generator": generator} if method.worst_case else {}
+    return loss, method._terms(ce, shift, edr, settings), updates
 
 
 def energy_gradient_norm(

@@ -12,12 +12,12 @@ forward builds dE/dtheta by the chain rule and its backward differentiates that 
 again, which is what the paper's double backward computes. tests/test_croft.py holds
 value and gradient of every term to a pure-autograd build in every branch.
 
-Populations (`croft_search.trial.population`) train CRoFT by plain autograd instead
-(`trainables.croft._population_loss`): vmap shares autograd's per-node cost among the
-members, but not the d x d products that autograd's double backward takes and the Gram form
-here avoids, so per member a population at K = 16 or 64 still costs more than one trial
-through this objective on a CPU (`bench/population_speed.py` prints both). That is why this
-backward stays.
+A population (`croft_search.trial.population`) runs the same forward and backward as
+plain functions under vmap (`objective_gradients`), each member's weights and ratios
+0-dim tensors (`mm_add` is addmm where they are numbers). Plain autograd under vmap, the
+EDR by double backward, was measured first and cost more per member at K = 16 and 64 than
+one trial through this objective: vmap shares autograd's per-node cost among members,
+not the d x d products of its double backward that the Gram form here avoids.
 
 Notation: f raw image features [B, d], g raw text features [K, d], u = adapt(f, Wi, ri),
 x = n(u), v = adapt(g, Wt, rt), t = n(v), S = x t^T, m = x G + x, xc = n(m), n(.) the row
@@ -38,7 +38,10 @@ NORM_EPS = 1e-12
 
 
 def adapt(
-    raw: torch.Tensor, weight: torch.Tensor, ratio: float, identity: torch.Tensor | None = None
+    raw: torch.Tensor,
+    weight: torch.Tensor,
+    ratio: float | torch.Tensor,
+    identity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Residual adapter ``ratio * raw @ weight.T + (1 - ratio) * raw`` (not normalised).
 
@@ -48,7 +51,22 @@ def adapt(
     to rounding. ``identity`` is the d x d identity, passed in by callers that keep one."""
     if identity is None:
         identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
-    return torch.addmm(raw, raw, (weight - identity).T, alpha=ratio)
+    return mm_add(raw, raw, (weight - identity).T, alpha=ratio)
+
+
+Number = float | torch.Tensor
+
+
+def mm_add(
+    base: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: Number = 1.0,
+    beta: Number = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """``beta * base + alpha * left @ right``: one fused `torch.addmm` where both weights
+    are Python numbers; a population member's own values (0-dim tensors under vmap, which
+    addmm cannot take as weights) take the unfused form, equal to rounding."""
+    if isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor):
+        return base * beta + (left @ right) * alpha
+    return torch.addmm(base, left, right, alpha=alpha, beta=beta)
 
 
 @dataclass(frozen=True)
@@ -145,7 +163,9 @@ class Batch:
     def of(
         cls, image: torch.Tensor, labels: torch.Tensor, classes: int, same: SameClass | None = None
     ) -> Batch:
-        onehot = image.new_zeros(labels.shape[0], classes).scatter_(1, labels[:, None], 1.0)
+        # one_hot rather than scatter_ into zeros: vmap cannot write a member's labels into
+        # a tensor made inside it.
+        onehot = F.one_hot(labels, classes).to(image.dtype)
         same = same or SameClass.of_onehot(onehot)
         same_mean = same.mask / same.pairs
         return cls(labels, onehot, same, same_mean, same_mean @ image)
@@ -157,12 +177,12 @@ def _generator_gradient(
     generator: torch.Tensor,
     batch: Batch,
     logit_scale: float,
-    lambda1: float,
+    lambda1: Number,
 ) -> torch.Tensor:
     moved = shift(image, generator)
     residual = torch.softmax(logit_scale * moved.value @ text.T, dim=-1) - batch.onehot
     scale = logit_scale / batch.labels.shape[0]
-    grad_moved = torch.addmm(batch.toward_class, residual, text, beta=lambda1, alpha=scale)
+    grad_moved = mm_add(batch.toward_class, residual, text, alpha=scale, beta=lambda1)
     return image.T @ moved.backward(grad_moved)
 
 
@@ -173,16 +193,31 @@ def step_generator(
     batch: Batch,
     settings: ObjectiveSettings,
     steps: int,
-    lr: float,
+    lr: Number,
 ) -> None:
     """``steps`` plain SGD steps of G, in place, on the generator's loss with x and t fixed
     (what the reference's SGD optimiser on G does: no momentum, no weight decay)."""
     with torch.no_grad():
-        for _ in range(steps):
-            grad = _generator_gradient(
-                image, text, generator, batch, settings.logit_scale, settings.lambda1
-            )
-            generator.sub_(grad, alpha=lr)
+        generator.copy_(generator_steps(generator, image, text, batch, settings, steps, lr))
+
+
+def generator_steps(
+    generator: torch.Tensor,
+    image: torch.Tensor,
+    text: torch.Tensor,
+    batch: Batch,
+    settings: ObjectiveSettings,
+    steps: int,
+    lr: Number,
+) -> torch.Tensor:
+    """G after `step_generator`'s steps, as a new tensor (``generator`` is left as it is,
+    so a population member's G can step under vmap)."""
+    for _ in range(steps):
+        grad = _generator_gradient(
+            image, text, generator, batch, settings.logit_scale, settings.lambda1
+        )
+        generator = generator - grad * lr
+    return generator
 
 
 @dataclass(frozen=True)
@@ -262,44 +297,14 @@ class CRoFTObjective(torch.autograd.Function):
         batch: Batch,
         settings: ObjectiveSettings,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        image, text = passed.image, passed.text
-        rows = batch.labels.shape[0]
-        moved = None
-        points = image.value
-        if generator is not None:
-            moved = shift(image.value, generator)
-            points = torch.cat([image.value, moved.value])
-        similarity = points @ text.value.T
-        log_probs = torch.log_softmax(settings.logit_scale * similarity, dim=-1)
-        ce = F.nll_loss(log_probs[:rows], batch.labels)
-        loss, shift_term, edr_term, edr_state = ce, None, None, None
-        if moved is not None:
-            pulled = torch.dot(moved.value.view(-1), batch.toward_class.view(-1))
-            shift_term = (
-                F.nll_loss(log_probs[rows:], batch.labels)
-                + (settings.shift_sign * settings.lambda1) * pulled
-            )
-            loss = loss + shift_term
-        if settings.edr is not None:
-            on_shifted = moved if settings.edr_on_shifted else None
-            energy_rows = similarity if on_shifted is not None else similarity[:rows]
-            energy_points = points if on_shifted is not None else image.value
-            value, edr_state = _edr_forward(
-                energy_rows, energy_points, passed, on_shifted, generator, settings.edr
-            )
-            edr_term = settings.lambda2 * value
-            loss = loss + edr_term
+        outputs, saved = _forward(generator, passed, batch, settings)
         ctx.set_materialize_grads(False)
-        ctx.saved = _Saved(passed, batch, moved, points, log_probs, edr_state)
+        ctx.saved = saved
         ctx.settings = settings
         # The tensors are saved here as well so that autograd catches an in-place change
         # to a parameter between this forward and its backward.
         ctx.save_for_backward(image_adapter, text_adapter, generator)
-        if shift_term is None:
-            shift_term = ce.new_zeros(())
-        if edr_term is None:
-            edr_term = ce.new_zeros(())
-        return loss, ce, shift_term, edr_term
+        return outputs
 
     @staticmethod
     def backward(  # type: ignore[override]
@@ -309,108 +314,177 @@ class CRoFTObjective(torch.autograd.Function):
         grad_shift: torch.Tensor | None,
         grad_edr: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
-        image_adapter, text_adapter, generator = ctx.saved_tensors
-        saved: _Saved = ctx.saved
-        settings: ObjectiveSettings = ctx.settings
-        passed, batch, moved = saved.passed, saved.batch, saved.moved
-        image, text = passed.image, passed.text
-        weight_ce: Any = _add(grad_loss, grad_ce)
-        weight_shift: Any = _add(grad_loss, grad_shift) if moved is not None else None
-        weight_edr: Any = _add(grad_loss, grad_edr) if saved.edr is not None else None
-        common = None
-        uniform = moved is None  # one weight for every row of the cross-entropies
-        if grad_ce is None and grad_shift is None and grad_edr is None and grad_loss is not None:
-            # Training: every term has the loss's gradient, a factor the whole backward is
-            # linear in, so it runs with Python-float weights (folded into the constants)
-            # and the factor scales the parameters' gradients once at the end.
-            common, uniform = grad_loss, True
-            weight_ce, weight_shift, weight_edr = (
-                None if w is None else 1.0 for w in (weight_ce, weight_shift, weight_edr)
-            )
-        rows = batch.labels.shape[0]
-        scale = settings.logit_scale / rows
-
-        # Both cross-entropies: s (softmax - onehot) / B per row, weighted per term.
-        residual = torch.exp(saved.log_probs).view(-1, rows, batch.onehot.shape[1])
-        residual = residual - batch.onehot
-        grad_similarity = None
-        if uniform:
-            if weight_ce is not None:
-                grad_similarity = residual.view(-1, residual.shape[2]) * (weight_ce * scale)
-        elif weight_ce is not None or weight_shift is not None:
-            like = weight_ce if weight_ce is not None else weight_shift
-            per_term = torch.stack(
-                [w if w is not None else torch.zeros_like(like) for w in (weight_ce, weight_shift)]
-            )
-            grad_similarity = (residual * (per_term * scale)[:, None, None]).view(2 * rows, -1)
-
-        grad_points = None
-        grad_image = grad_image_norm = grad_text = grad_text_norm = grad_raw_text = None
-        grad_moved = grad_moved_norm = grad_generator = None
-        if weight_shift is not None:
-            # Lc = <xc, M x> / pairs, M symmetric: dxc = M x / pairs, dx = M xc / pairs.
-            pull = weight_shift * (settings.shift_sign * settings.lambda1)
-            grad_moved = batch.toward_class * pull
-            grad_image = (batch.same_mean @ moved.value) * pull
-        if weight_edr is not None:
-            grads = _edr_backward(
-                saved.edr,
-                weight_edr * settings.lambda2,
-                need_generator=ctx.needs_input_grad[2],
-                need_raw_text=ctx.needs_input_grad[3],
-            )
-            grad_similarity = _add_rows(grad_similarity, grads.similarity)
-            grad_points = grads.points
-            grad_image = _add(grad_image, grads.image)
-            grad_image_norm = grads.image_norm
-            grad_text, grad_text_norm = grads.text, grads.text_norm
-            grad_raw_text = grads.raw_text
-            grad_moved = _add(grad_moved, grads.moved)
-            grad_moved_norm, grad_generator = grads.moved_norm, grads.generator
-
-        # Through S = points t^T.
-        if grad_similarity is not None:
-            from_similarity = grad_similarity @ text.value
-            grad_points = _add_rows(grad_points, from_similarity)
-            used = saved.points[: grad_similarity.shape[0]]
-            grad_text = _add(grad_text, grad_similarity.T @ used)
-        if grad_points is not None:
-            grad_image = _add(grad_image, grad_points[:rows])
-            if grad_points.shape[0] > rows:
-                grad_moved = _add(grad_moved, grad_points[rows:])
-
-        # Through xc = n(m), m = x G + x.
-        if moved is not None and grad_moved is not None:
-            grad_raw_moved = moved.backward(grad_moved, grad_moved_norm)
-            grad_image = _add(grad_image, torch.addmm(grad_raw_moved, grad_raw_moved, generator.T))
-            if ctx.needs_input_grad[2]:
-                grad_generator = _add(grad_generator, image.value.T @ grad_raw_moved)
-
-        # Through the normalisations and the adapters.
-        ratio_image, ratio_text = settings.ratios
-        grad_image_adapter = grad_text_adapter = None
-        if ctx.needs_input_grad[0] and grad_image is not None:
-            grad_u = image.backward(grad_image, grad_image_norm)
-            grad_image_adapter = grad_u.T @ passed.features * ratio_image
-        if grad_text is not None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
-            grad_v = text.backward(grad_text, grad_text_norm)
-            if ctx.needs_input_grad[1]:
-                grad_text_adapter = grad_v.T @ passed.raw_text * ratio_text
-            if ctx.needs_input_grad[3]:
-                # dv (I + rt (Wt - I)) = (1 - rt) dv + rt dv Wt
-                through = torch.addmm(
-                    grad_v, grad_v, text_adapter, beta=1.0 - ratio_text, alpha=ratio_text
-                )
-                grad_raw_text = _add(grad_raw_text, through)
-        grads = (
-            grad_image_adapter,
-            grad_text_adapter,
-            grad_generator if ctx.needs_input_grad[2] else None,
-            grad_raw_text if ctx.needs_input_grad[3] else None,
-        )
-        if common is not None:
-            grads = tuple(None if g is None else g * common for g in grads)
+        text_adapter, generator = ctx.saved_tensors[1:]
+        grads = _backward(
+            ctx.saved, ctx.settings, text_adapter, generator, tuple(ctx.needs_input_grad[:4]),
+            (grad_loss, grad_ce, grad_shift, grad_edr),
+        )  # fmt: skip
         return (*grads, None, None, None)
+
+
+def objective_gradients(
+    generator: torch.Tensor | None,
+    text_adapter: torch.Tensor,
+    passed: AdapterPass,
+    batch: Batch,
+    settings: ObjectiveSettings,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
+    """`CRoFTObjective`'s four outputs and the loss's gradients with respect to (Wi, Wt, G,
+    g) where ``needs`` asks for them, computed outright, without autograd: plain tensor
+    operations, so a population runs them under vmap with each member's weights and
+    ratios in ``settings`` as 0-dim tensors."""
+    outputs, saved = _forward(generator, passed, batch, settings)
+    grads = _backward(saved, settings, text_adapter, generator, needs, (1.0, None, None, None))
+    return outputs, grads
+
+
+def _forward(
+    generator: torch.Tensor | None, passed: AdapterPass, batch: Batch, settings: ObjectiveSettings
+) -> tuple[tuple[torch.Tensor, ...], _Saved]:
+    image, text = passed.image, passed.text
+    rows = batch.labels.shape[0]
+    moved = None
+    points = image.value
+    if generator is not None:
+        moved = shift(image.value, generator)
+        points = torch.cat([image.value, moved.value])
+    similarity = points @ text.value.T
+    log_probs = torch.log_softmax(settings.logit_scale * similarity, dim=-1)
+    ce = F.nll_loss(log_probs[:rows], batch.labels)
+    loss, shift_term, edr_term, edr_state = ce, None, None, None
+    if moved is not None:
+        pulled = torch.dot(moved.value.view(-1), batch.toward_class.view(-1))
+        shift_term = (
+            F.nll_loss(log_probs[rows:], batch.labels)
+            + (settings.shift_sign * settings.lambda1) * pulled
+        )
+        loss = loss + shift_term
+    if settings.edr is not None:
+        on_shifted = moved if settings.edr_on_shifted else None
+        energy_rows = similarity if on_shifted is not None else similarity[:rows]
+        energy_points = points if on_shifted is not None else image.value
+        value, edr_state = _edr_forward(
+            energy_rows, energy_points, passed, on_shifted, generator, settings.edr
+        )
+        edr_term = settings.lambda2 * value
+        loss = loss + edr_term
+    saved = _Saved(passed, batch, moved, points, log_probs, edr_state)
+    if shift_term is None:
+        shift_term = ce.new_zeros(())
+    if edr_term is None:
+        edr_term = ce.new_zeros(())
+    return (loss, ce, shift_term, edr_term), saved
+
+
+def _backward(
+    saved: _Saved,
+    settings: ObjectiveSettings,
+    text_adapter: torch.Tensor,
+    generator: torch.Tensor | None,
+    needs: tuple[bool, ...],
+    upstream: tuple[Any, Any, Any, Any],
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of (Wi, Wt, G, g) from those of the four outputs (None: no gradient;
+    the loss's may be the Python number 1.0)."""
+    grad_loss, grad_ce, grad_shift, grad_edr = upstream
+    passed, batch, moved = saved.passed, saved.batch, saved.moved
+    image, text = passed.image, passed.text
+    weight_ce: Any = _add(grad_loss, grad_ce)
+    weight_shift: Any = _add(grad_loss, grad_shift) if moved is not None else None
+    weight_edr: Any = _add(grad_loss, grad_edr) if saved.edr is not None else None
+    common = None
+    uniform = moved is None  # one weight for every row of the cross-entropies
+    if grad_ce is None and grad_shift is None and grad_edr is None and grad_loss is not None:
+        # Training: every term has the loss's gradient, a factor the whole backward is
+        # linear in, so it runs with Python-float weights (folded into the constants)
+        # and the factor scales the parameters' gradients once at the end.
+        common, uniform = grad_loss, True
+        weight_ce, weight_shift, weight_edr = (
+            None if w is None else 1.0 for w in (weight_ce, weight_shift, weight_edr)
+        )
+    rows = batch.labels.shape[0]
+    scale = settings.logit_scale / rows
+
+    # Both cross-entropies: s (softmax - onehot) / B per row, weighted per term.
+    residual = torch.exp(saved.log_probs).view(-1, rows, batch.onehot.shape[1])
+    residual = residual - batch.onehot
+    grad_similarity = None
+    if uniform:
+        if weight_ce is not None:
+            grad_similarity = residual.view(-1, residual.shape[2]) * (weight_ce * scale)
+    elif weight_ce is not None or weight_shift is not None:
+        like = weight_ce if weight_ce is not None else weight_shift
+        per_term = torch.stack(
+            [w if w is not None else torch.zeros_like(like) for w in (weight_ce, weight_shift)]
+        )
+        grad_similarity = (residual * (per_term * scale)[:, None, None]).view(2 * rows, -1)
+
+    grad_points = None
+    grad_image = grad_image_norm = grad_text = grad_text_norm = grad_raw_text = None
+    grad_moved = grad_moved_norm = grad_generator = None
+    if weight_shift is not None:
+        # Lc = <xc, M x> / pairs, M symmetric: dxc = M x / pairs, dx = M xc / pairs.
+        pull = weight_shift * (settings.shift_sign * settings.lambda1)
+        grad_moved = batch.toward_class * pull
+        grad_image = (batch.same_mean @ moved.value) * pull
+    if weight_edr is not None:
+        grads = _edr_backward(
+            saved.edr,
+            weight_edr * settings.lambda2,
+            need_generator=needs[2],
+            need_raw_text=needs[3],
+        )
+        grad_similarity = _add_rows(grad_similarity, grads.similarity)
+        grad_points = grads.points
+        grad_image = _add(grad_image, grads.image)
+        grad_image_norm = grads.image_norm
+        grad_text, grad_text_norm = grads.text, grads.text_norm
+        grad_raw_text = grads.raw_text
+        grad_moved = _add(grad_moved, grads.moved)
+        grad_moved_norm, grad_generator = grads.moved_norm, grads.generator
+
+    # Through S = points t^T.
+    if grad_similarity is not None:
+        from_similarity = grad_similarity @ text.value
+        grad_points = _add_rows(grad_points, from_similarity)
+        used = saved.points[: grad_similarity.shape[0]]
+        grad_text = _add(grad_text, grad_similarity.T @ used)
+    if grad_points is not None:
+        grad_image = _add(grad_image, grad_points[:rows])
+        if grad_points.shape[0] > rows:
+            grad_moved = _add(grad_moved, grad_points[rows:])
+
+    # Through xc = n(m), m = x G + x.
+    if moved is not None and grad_moved is not None:
+        grad_raw_moved = moved.backward(grad_moved, grad_moved_norm)
+        grad_image = _add(grad_image, torch.addmm(grad_raw_moved, grad_raw_moved, generator.T))
+        if needs[2]:
+            grad_generator = _add(grad_generator, image.value.T @ grad_raw_moved)
+
+    # Through the normalisations and the adapters.
+    ratio_image, ratio_text = settings.ratios
+    grad_image_adapter = grad_text_adapter = None
+    if needs[0] and grad_image is not None:
+        grad_u = image.backward(grad_image, grad_image_norm)
+        grad_image_adapter = grad_u.T @ passed.features * ratio_image
+    if grad_text is not None and (needs[1] or needs[3]):
+        grad_v = text.backward(grad_text, grad_text_norm)
+        if needs[1]:
+            grad_text_adapter = grad_v.T @ passed.raw_text * ratio_text
+        if needs[3]:
+            # dv (I + rt (Wt - I)) = (1 - rt) dv + rt dv Wt
+            through = mm_add(grad_v, grad_v, text_adapter, alpha=ratio_text, beta=1.0 - ratio_text)
+            grad_raw_text = _add(grad_raw_text, through)
+    grads = (
+        grad_image_adapter,
+        grad_text_adapter,
+        grad_generator if needs[2] else None,
+        grad_raw_text if needs[3] else None,
+    )
+    if common is not None and not (isinstance(common, float) and common == 1.0):
+        grads = tuple(None if g is None else g * common for g in grads)
+    return grads
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:

@@ -20,11 +20,11 @@ forward as Python numbers, which one vectorised program cannot hold per member.
 
 Methods a population cannot train (`population_refusal` says why): CRoFT's reference and
 custom implementations, which step optimisers inside the loss (its paper implementation
-batches: its population loss is the paper's equations by plain autograd, the EDR term by
-`torch.func.grad`, held to the hand-written objective by the tests); DPLCLIP, whose domain
-means take `torch.unique` (a shape that depends on the batch, which vmap cannot batch) and
-whose dropout draws from torch's global generator (a vmapped draw is not the draw a member
-makes alone). The ``best_val`` checkpoint is not written for populations yet.
+batches: its population loss runs the hand-written objective and its gradients under
+vmap); DPLCLIP, whose domain means take `torch.unique` (a shape that depends on the
+batch, which vmap cannot batch) and whose dropout draws from torch's global generator (a
+vmapped draw is not the draw a member makes alone). The ``best_val`` checkpoint is not
+written for populations yet.
 """
 
 from __future__ import annotations
