@@ -186,21 +186,6 @@ def _generator_gradient(
     return image.T @ moved.backward(grad_moved)
 
 
-def step_generator(
-    generator: torch.Tensor,
-    image: torch.Tensor,
-    text: torch.Tensor,
-    batch: Batch,
-    settings: ObjectiveSettings,
-    steps: int,
-    lr: Number,
-) -> None:
-    """``steps`` plain SGD steps of G, in place, on the generator's loss with x and t fixed
-    (what the reference's SGD optimiser on G does: no momentum, no weight decay)."""
-    with torch.no_grad():
-        generator.copy_(generator_steps(generator, image, text, batch, settings, steps, lr))
-
-
 def generator_steps(
     generator: torch.Tensor,
     image: torch.Tensor,
@@ -210,8 +195,10 @@ def generator_steps(
     steps: int,
     lr: Number,
 ) -> torch.Tensor:
-    """G after `step_generator`'s steps, as a new tensor (``generator`` is left as it is,
-    so a population member's G can step under vmap)."""
+    """G after ``steps`` plain SGD steps on the generator's loss with x and t fixed (what
+    the reference's SGD optimiser on G does: no momentum, no weight decay), as a new
+    tensor: ``generator`` is left as it is, so a population member's G can step under
+    vmap."""
     for _ in range(steps):
         grad = _generator_gradient(
             image, text, generator, batch, settings.logit_scale, settings.lambda1
