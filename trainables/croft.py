@@ -239,16 +239,23 @@ class CRoFT(Method):
     def text_features(self) -> torch.Tensor:
         return self._text_unit(self.raw_text()).value
 
-    def adapter_pass(self, features: torch.Tensor, raw_text: torch.Tensor) -> AdapterPass:
-        image, text = self._image_unit(features), self._text_unit(raw_text)
+    def adapter_pass(
+        self, features: torch.Tensor, raw_text: torch.Tensor, ratios: tuple | None = None
+    ) -> AdapterPass:
+        """Both adapters on ``features`` and ``raw_text``, with ``ratios`` (a population
+        member's 0-dim tensors) or the method's own."""
+        ratio_image, ratio_text = ratios or (None, None)
+        image, text = self._image_unit(features, ratio_image), self._text_unit(raw_text, ratio_text)
         return AdapterPass(features, raw_text, image, text)
 
-    def _image_unit(self, features: torch.Tensor) -> Unit:
-        ratio = self._ratio(self.ratio_image, "test_ratio_image")
+    def _image_unit(self, features: torch.Tensor, ratio: Any = None) -> Unit:
+        if ratio is None:
+            ratio = self._ratio(self.ratio_image, "test_ratio_image")
         return unit(adapt(features, self.image_adapter, ratio, self.identity))
 
-    def _text_unit(self, raw_text: torch.Tensor) -> Unit:
-        ratio = self._ratio(self.ratio_text, "test_ratio_text")
+    def _text_unit(self, raw_text: torch.Tensor, ratio: Any = None) -> Unit:
+        if ratio is None:
+            ratio = self._ratio(self.ratio_text, "test_ratio_text")
         return unit(adapt(raw_text, self.text_adapter, ratio, self.identity))
 
     def _ratio(self, trained: float, test_key: str) -> float:
@@ -274,7 +281,8 @@ class CRoFT(Method):
     def objective_settings(self, numbers: dict[str, Any] | None = None) -> ObjectiveSettings:
         """The objective's settings; ``numbers`` (`member_values`' keys) as Python floats
         from the hyper-parameters by default, or a population member's 0-dim tensors."""
-        numbers = numbers or type(self).member_values(self.hp)
+        if numbers is None:
+            numbers = type(self).member_values(self.hp)
         ratios = (numbers["ratio_image"], numbers["ratio_text"])
         edr = None
         if self.lambda2 > 0 and any(self.trained_adapters):
@@ -391,9 +399,9 @@ def _population_loss(
     raw_text = method.raw_text()
     fixed_text = raw_text.detach()
     with torch.no_grad():
-        image = unit(adapt(features, method.image_adapter, values["ratio_image"], method.identity))
-        text = unit(adapt(fixed_text, method.text_adapter, values["ratio_text"], method.identity))
-        passed = AdapterPass(features, fixed_text, image, text)
+        passed = method.adapter_pass(
+            features, fixed_text, (values["ratio_image"], values["ratio_text"])
+        )
     batch, settings, generator = method._objective_inputs(passed, labels, values, True)
     joint = method.use_generator and not method.worst_case
     needs = (*method.trained_adapters, joint, method.prompt_learner is not None)

@@ -35,12 +35,14 @@ import torch.nn.functional as F
 
 # F.normalize's floor on the norm, so unit() and F.normalize agree bit for bit.
 NORM_EPS = 1e-12
+# A weight, ratio or rate: a Python number, or a population member's 0-dim tensor.
+Number = float | torch.Tensor
 
 
 def adapt(
     raw: torch.Tensor,
     weight: torch.Tensor,
-    ratio: float | torch.Tensor,
+    ratio: Number,
     identity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Residual adapter ``ratio * raw @ weight.T + (1 - ratio) * raw`` (not normalised).
@@ -52,9 +54,6 @@ def adapt(
     if identity is None:
         identity = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
     return mm_add(raw, raw, (weight - identity).T, alpha=ratio)
-
-
-Number = float | torch.Tensor
 
 
 def mm_add(
@@ -212,7 +211,7 @@ class EDRSpec:
     """What the EDR penalty differentiates and how it reduces: the adapter ratios, which
     adapters train, the energy's aggregate and the squares' reduction."""
 
-    ratios: tuple[float, float]
+    ratios: tuple[Number, Number]
     trained: tuple[bool, bool]
     aggregate: str = "sum"
     reduction: str = "sum"
@@ -226,10 +225,10 @@ class ObjectiveSettings:
     features (None when there is no EDR term)."""
 
     logit_scale: float
-    ratios: tuple[float, float]
-    lambda1: float = 0.0
+    ratios: tuple[Number, Number]
+    lambda1: Number = 0.0
     shift_sign: float = 1.0
-    lambda2: float = 0.0
+    lambda2: Number = 0.0
     edr: EDRSpec | None = None
     edr_on_shifted: bool = False
 
