@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +94,32 @@ def test_search_writes_parquet_and_mlflow_parent_child(tmp_path, weights, digits
     study = optuna.load_study(study_name="s1", storage=f"sqlite:///{outcome.folder / 'optuna.db'}")
     assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 3
     assert sorted(t.value for t in study.trials) == sorted(frame["objective"])
+
+
+def test_a_search_without_address_ignores_a_cluster_left_behind(tmp_path, weights, digits_root):
+    # A Ray head killed without `ray stop` leaves its address in the Ray temp folder's
+    # ray_current_cluster; a search given no --address must start its own instance instead
+    # of waiting minutes on that address (a CI run failed so).
+    ray_temp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # unix sockets: a short path
+    try:
+        (ray_temp / "ray").mkdir()
+        (ray_temp / "ray" / "ray_current_cluster").write_text("192.0.2.2:40465\n")
+        space = write_space(tmp_path, "croft_tiny", weights, CROFT_BODY.replace(
+            "num_samples: 3", "num_samples: 1"))  # fmt: skip
+        env = {**os.environ, "RAY_TMPDIR": str(ray_temp), "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        done = subprocess.run(
+            [sys.executable, "-m", "croft_search.run", "--space", str(space), "--name", "s",
+             "--storage", str(tmp_path / "runs"), "--data-root", str(digits_root),
+             "--cache-dir", str(tmp_path / "cache"),
+             "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        frame = pd.read_parquet(tmp_path / "runs" / "croft_tiny" / "s" / "trials.parquet")
+        assert list(frame["status"]) == ["ok"]
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def test_a_search_runs_the_protocol_its_space_fixes(tmp_path, weights, digits_root):

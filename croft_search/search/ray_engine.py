@@ -428,6 +428,12 @@ def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources) -> An
     )
 
 
+# Without --address a search starts a Ray instance of its own. Ray's default would join the
+# cluster named in its temp folder's ray_current_cluster, which a cluster killed without
+# `ray stop` leaves behind: the search would then wait minutes on an address nobody serves.
+LOCAL_RAY = "local"
+
+
 def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
     """Run (or resume) a search of ``space``; returns where it wrote and the best trials."""
     import ray
@@ -440,7 +446,7 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         progress=True,
     )
     ray.init(
-        address=options.address,
+        address=options.address or LOCAL_RAY,
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=True,
