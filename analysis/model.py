@@ -45,3 +45,5 @@ class Analysis:
     sources: list[SearchSource] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     protocols: list[str] = field(default_factory=list)
+    # The paper-shaped table (analysis.paper_table); empty when the trials make none.
+    paper: pd.DataFrame = field(default_factory=pd.DataFrame)

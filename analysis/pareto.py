@@ -37,6 +37,7 @@ from analysis.objectives import (
     parse_objectives,
     parse_reference_point,
 )
+from analysis.paper_table import paper_markdown, paper_table, to_latex
 from analysis.plots import plot_fronts
 from analysis.report import front_markdown, log_to_parent_run, report_html
 from analysis.result_tables import ablation_table, selection_table
@@ -156,6 +157,11 @@ def analyse(
             ok_rows, objectives, group_column, importance
         )
     notes += selection_notes + ablation_notes + importance_notes
+    try:
+        paper = paper_table(ok_rows)
+    except ConfigError as err:  # e.g. one target domain per trial: the other outputs stand
+        paper = pd.DataFrame()
+        notes.append(f"paper.md and paper.tex not written ({err})")
     protocols = []
     if "protocol" in ok_rows.columns:
         protocols = sorted({str(p) for p in ok_rows["protocol"].dropna()})
@@ -177,6 +183,7 @@ def analyse(
         groups=groups,
         selection=selection,
         ablation=ablation,
+        paper=paper,
         importance=importances,
         importance_evaluator=importance,
         counts=counts,
@@ -256,7 +263,8 @@ def _integers_as_int(values: pd.Series) -> pd.Series:
 
 
 def write_outputs(analysis: Analysis, out_dir: str | Path) -> dict[str, Path]:
-    """Write pareto.csv, front.md, pareto.png and report.html into `out_dir`."""
+    """Write pareto.csv, front.md, pareto.png and report.html into `out_dir`, and
+    paper.md / paper.tex when the trials make a paper table."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -291,6 +299,11 @@ def write_outputs(analysis: Analysis, out_dir: str | Path) -> dict[str, Path]:
         title,
     )
     paths["html"].write_text(report_html(analysis, paths["plot"].read_bytes()), encoding="utf-8")
+    if not analysis.paper.empty:
+        paths["paper markdown"] = out / "paper.md"
+        paths["paper latex"] = out / "paper.tex"
+        paths["paper markdown"].write_text(paper_markdown(analysis.paper), encoding="utf-8")
+        paths["paper latex"].write_text(to_latex(analysis.paper), encoding="utf-8")
     return paths
 
 

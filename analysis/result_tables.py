@@ -20,6 +20,7 @@ __all__ = [
     "ORACLE",
     "ORACLE_GAP",
     "objective_weight",
+    "validation_selected",
     "selection_table",
     "ablation_table",
     "to_markdown",
@@ -41,6 +42,26 @@ def objective_weight(frame: pd.DataFrame) -> float:
         if len(values) == 1:
             return float(values[0])
     return DEFAULT_OBJECTIVE_WEIGHT
+
+
+def validation_selected(frame: pd.DataFrame, keys: Sequence[str] = ()) -> pd.DataFrame:
+    """The trial validation selects per combination of `keys` (a single one without keys):
+    the highest `objective` among the trials with selection "val", the scalar the search
+    itself maximised (croft_search.selection), so no test metric takes part; the first of
+    tied trials. Combinations without such a trial have no row. `frame`'s index must be
+    unique (the rows are returned by index)."""
+    if "objective" not in frame.columns:
+        return frame.iloc[:0]
+    objective = pd.to_numeric(frame["objective"], errors="coerce")
+    eligible = (frame["selection"] == "val") & objective.notna()
+    scores = objective[eligible]
+    if scores.empty:
+        return frame.iloc[:0]
+    if not keys:
+        return frame.loc[[scores.idxmax()]]
+    by = [frame.loc[eligible, key] for key in keys]
+    best = scores.groupby(by, sort=False, dropna=False).idxmax()
+    return frame.loc[best.to_numpy()]
 
 
 def selection_table(
@@ -71,8 +92,6 @@ def selection_table(
             joint_objectives(members["test_acc"], members["test_auroc"], weight),
             index=members.index,
         )
-        validated = members[(members["selection"] == "val") & members["objective"].notna()] \
-            if "objective" in members.columns else members.iloc[:0]  # fmt: skip
         oracle_pool = test_score.dropna()
         if oracle_pool.empty:
             notes.append(f"{group}: no trial has test_acc and test_auroc; no oracle row")
@@ -80,6 +99,7 @@ def selection_table(
         oracle = members.loc[oracle_pool.idxmax()]
         oracle_row = _describe(group, ORACLE, oracle, test_metrics)
         oracle_row[score_name] = float(oracle_pool.max())
+        validated = validation_selected(members)
         if validated.empty:
             notes.append(
                 f"{group}: no trial with selection 'val' and an objective, so no "
@@ -87,7 +107,7 @@ def selection_table(
             )
             rows.append(oracle_row)
             continue
-        chosen = members.loc[validated["objective"].idxmax()]
+        chosen = validated.iloc[0]
         chosen_row = _describe(group, VAL_SELECTED, chosen, test_metrics)
         chosen_row[score_name] = float(test_score.loc[chosen.name])
         gap_row: dict[str, object] = {"group": group, "row": ORACLE_GAP}
