@@ -95,7 +95,7 @@ def snapshot(repo: Path) -> dict[str, Any]:
             )
         storage = tmp_path / "runs"
         _run(["-m", "croft_search.run", "--storage", str(storage), "--name", "snap",
-              "--num-samples", str(SEARCH_SAMPLES), "--max-concurrent", "1",
+              "--num-samples", str(SEARCH_SAMPLES), "--max-concurrent", "1", "--population", "1",
               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], env, repo)  # fmt: skip
         folder = next(storage.glob("*/snap"))
         trials = pd.read_parquet(folder / "trials.parquet")

@@ -31,9 +31,10 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument(
         "--population",
         type=int,
-        default=1,
+        default=None,
         help="configurations one Ray trial trains at once as one vectorised program, "
-        "halved at the space's ASHA rungs (default 1: a trial each)",
+        "halved at the space's ASHA rungs; 1: a Ray trial each (default: chosen for the "
+        "hardware, 1 where the space's trials cannot batch)",
     )
     parser.add_argument(
         "--gpus-per-trial",
@@ -90,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     outcome = run_search(space, options)
     print(f"\n{outcome.trials} trials finished ({outcome.failed} failed) in {outcome.folder}")
+    if outcome.population > 1:
+        print(f"trained in populations of up to {outcome.population} (--population)")
     if not args.resume and outcome.search_seconds > 0:
         # A resumed search's table also holds the trials of the runs before it.
         print(

@@ -39,7 +39,8 @@ num_samples: {samples}
 def start_search(tmp_path, space: Path, digits_root, uri: str, *extra: str, env=None):
     argv = [sys.executable, "-m", "croft_search.run", "--space", str(space), "--name", "f",
             "--storage", str(tmp_path / "runs"), "--data-root", str(digits_root),
-            "--cache-dir", str(tmp_path / "cache"), "--tracking-uri", uri, *extra]  # fmt: skip
+            "--cache-dir", str(tmp_path / "cache"), "--tracking-uri", uri, "--population", "1",
+            *extra]  # fmt: skip
     return subprocess.Popen(
         argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,

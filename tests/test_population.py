@@ -131,6 +131,19 @@ def test_each_member_scores_what_run_trial_gives(method, resources):
     )
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["croft", "croft_joint", "clip_adapter", "plp"])
+def test_a_population_on_cuda_scores_what_run_trial_gives_there(method, resources):
+    # The members' learning rates, momenta, weights and ratios are [K] tensors: on the
+    # parameters' device, or a CUDA population fails on its first step.
+    cuda = [{**config, "device": "cuda"} for config in configs(method)]
+    results = run_population(cuda, resources)
+    for config, result in zip(cuda, results, strict=True):
+        alone = run_trial(config, resources)
+        for key in METRICS:
+            assert result[key] == pytest.approx(alone[key], abs=1e-4), (method, key)
+
+
 @pytest.mark.parametrize(
     "config, reason",
     [

@@ -24,6 +24,7 @@ from searches import RAY, gcs_address, write_space
 
 from croft_search.run import main as run_main
 from croft_search.search.ray_engine import SearchOptions, run_search
+from croft_search.search.ray_populations import CPU_POPULATION, default_population
 from croft_search.search.space import load_space
 from croft_search.trial.runner import run_trial
 
@@ -42,9 +43,11 @@ num_samples: 3
 """
 
 
-def search_here(space, tmp_path: Path, digits_root: Path, name: str, uri: str):
-    """One in-process search of ``space`` with everything under ``tmp_path``."""
+def search_here(space, tmp_path: Path, digits_root: Path, name: str, uri: str, population=1):
+    """One in-process search of ``space`` with everything under ``tmp_path``, one trial per
+    configuration unless ``population`` says otherwise."""
     options = SearchOptions(
+        population=population,
         storage=tmp_path / "runs",
         name=name,
         tracking_uri=uri,
@@ -195,7 +198,9 @@ scheduler: none
     assert outcome.failed == 1
 
 
-@pytest.mark.parametrize("extra", [[], ["--population", "2"]], ids=["trials", "populations"])
+@pytest.mark.parametrize(
+    "extra", [["--population", "1"], ["--population", "2"]], ids=["trials", "populations"]
+)
 def test_resume_after_sigkill_neither_loses_nor_duplicates(tmp_path, weights, digits_root, extra):
     body = CROFT_BODY.replace("num_samples: 3", "num_samples: 6").replace("epochs: 2", "epochs: 3")
     space_file = write_space(tmp_path, "croft_resume", weights, body)
@@ -327,6 +332,35 @@ def test_what_populations_refuse_is_one_line(argv, message, tmp_path, capsys):
     assert len(err) == 1 and message in err[0]
 
 
+def test_the_default_population_follows_the_hardware_and_the_space(monkeypatch):
+    assert default_population(load_space("croft_digits"), 0.0, 128) == CPU_POPULATION
+    # What cannot batch runs a Ray trial per configuration, without an error.
+    assert default_population(load_space("dplclip_digits"), 0.0, 128) == 1
+    assert default_population(load_space("croft_pacs"), 0.0, 512) == 1  # reference CRoFT
+
+    class H200Share:
+        total_memory = 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: H200Share())
+    # A quarter of 80 GiB, half of it used, 24 fp32 512 x 512 matrices a member:
+    # 80 * 2**30 * 0.25 * 0.5 / (24 * 512 * 512 * 4) = 426.7.
+    assert default_population(load_space("croft_digits"), 0.25, 512) == 426
+    assert default_population(load_space("croft_digits"), 1.0, 128) == 1024  # the cap
+
+
+def test_a_resumed_search_keeps_the_population_it_started_with(tmp_path, capsys):
+    folder = tmp_path / "runs" / "croft_digits" / "x"
+    folder.mkdir(parents=True)
+    (folder / "search.json").write_text(json.dumps({"population": 4}))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(["--space", "croft_digits", "--resume", "--name", "x", "--population", "2",
+                  "--storage", str(tmp_path / "runs")])  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "started with --population 4" in err[0]
+
+
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_root):
     # Ray >= 2.59 switches token authentication on by itself for a head started where a
     # token exists, but not for a joining node: every process of the cluster, the driver
@@ -388,6 +422,8 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, weights, digits_ro
                 str(tmp_path / "cache"),
                 "--tracking-uri",
                 f"sqlite:///{tmp_path / 'm.db'}",
+                "--population",
+                "1",
             ],
             cwd=tmp_path,
             env=env,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,18 @@ from torch import nn
 
 from croft_search.errors import ConfigError
 from trainables.text import FrozenTextEncoder
+
+
+class MemberStep(NamedTuple):
+    """What one population member's step computes (`Method.population_loss`): its loss and
+    the loss's parts; ``updates``, new values of state the step moves outside the optimiser
+    (CRoFT's generator); ``gradients``, by parameter name, the gradients the method writes
+    out itself, which then skip autograd (the loss need not reach those parameters)."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    updates: dict[str, torch.Tensor] = {}
+    gradients: dict[str, torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -199,16 +211,16 @@ class Method(nn.Module):
         features: torch.Tensor,
         labels: torch.Tensor,
         domains: torch.Tensor,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """One member's training loss inside a population: (loss, its parts, new values of
-        state the step changes outside the optimiser). ``values``: `member_values`. By
-        default cross-entropy plus `extra_losses`, as `training_loss`."""
+    ) -> MemberStep:
+        """One member's training step inside a population (`MemberStep`). ``values``:
+        `member_values`. By default cross-entropy plus `extra_losses`, as `training_loss`,
+        every gradient by autograd."""
         ce = F.cross_entropy(self.logits(features, domains), labels)
         loss, parts = ce, {"ce": ce}
         for key, value in self.extra_losses(features, labels, domains).items():
             loss = loss + value
             parts[key] = value
-        return loss, parts, {}
+        return MemberStep(loss, parts)
 
     def __init__(self, context: MethodContext, hp: dict[str, Any]) -> None:
         super().__init__()

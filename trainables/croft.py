@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainables import croft_variants
-from trainables.base import DASSL_RECIPE, HParam, Method, MethodContext
+from trainables.base import DASSL_RECIPE, HParam, MemberStep, Method, MethodContext
 from trainables.croft_objective import (
     AdapterPass,
     Batch,
@@ -389,13 +389,13 @@ def _population_loss(
     values: dict[str, torch.Tensor],
     features: torch.Tensor,
     labels: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> MemberStep:
     """One population member's step by the hand-written objective, vmap-ready: its weights
-    and ratios are the member's 0-dim tensors and the gradients come from
-    `objective_gradients` outright. The returned loss has the loss's value and, by
-    autograd, exactly those gradients: ``<p, dL/dp>`` with dL/dp fixed, for each trained
-    p (the learned prompts' text features g too, so autograd carries dL/dg through the
-    text encoder); its value part is the loss itself."""
+    and ratios are the member's 0-dim tensors and the gradients of the adapters (and of a
+    jointly trained G) come from `objective_gradients` outright, as the step's
+    ``gradients``, so autograd never sees them. With learned prompts the loss carries
+    dL/dg of their text features g to autograd as ``<g, dL/dg>`` with dL/dg fixed, which
+    autograd takes on through the text encoder."""
     raw_text = method.raw_text()
     fixed_text = raw_text.detach()
     with torch.no_grad():
@@ -404,18 +404,22 @@ def _population_loss(
         )
     batch, settings, generator = method._objective_inputs(passed, labels, values, True)
     joint = method.use_generator and not method.worst_case
-    needs = (*method.trained_adapters, joint, method.prompt_learner is not None)
+    prompts = method.prompt_learner is not None
+    needs = (*method.trained_adapters, joint, prompts)
     with torch.no_grad():
         (loss, ce, shift, edr), grads = objective_gradients(
             generator, method.text_adapter, passed, batch, settings, needs
         )
-    params = (method.image_adapter, method.text_adapter, method.generator, raw_text)
-    along = [(p * g).sum() for p, g, need in zip(params, grads, needs, strict=True) if need]
-    if along:
-        pulled = torch.stack(along).sum()
+    image_grad, text_grad, generator_grad, raw_text_grad = grads
+    named = zip(("image_adapter", "text_adapter", "generator"),
+                (image_grad, text_grad, generator_grad), needs, strict=False)  # fmt: skip
+    gradients = {name: grad for name, grad, need in named if need}
+    if prompts:
+        # dL/dg goes on through the text encoder by autograd: <g, dL/dg> with dL/dg fixed.
+        pulled = (raw_text * raw_text_grad).sum()
         loss = loss + (pulled - pulled.detach())
     updates = {"generator": generator} if method.worst_case else {}
-    return loss, method._terms(ce, shift, edr, settings), updates
+    return MemberStep(loss, method._terms(ce, shift, edr, settings), updates, gradients)
 
 
 def energy_gradient_norm(

@@ -453,11 +453,13 @@ def _backward(
     grad_image_adapter = grad_text_adapter = None
     if needs[0] and grad_image is not None:
         grad_u = image.backward(grad_image, grad_image_norm)
-        grad_image_adapter = grad_u.T @ passed.features * ratio_image
+        # The ratio scales the [B, d] factor, not the d x d product: a population's stacks
+        # make every pass over d x d memory cost about a [B, d] x [d, d] product.
+        grad_image_adapter = (grad_u * ratio_image).T @ passed.features
     if grad_text is not None and (needs[1] or needs[3]):
         grad_v = text.backward(grad_text, grad_text_norm)
         if needs[1]:
-            grad_text_adapter = grad_v.T @ passed.raw_text * ratio_text
+            grad_text_adapter = (grad_v * ratio_text).T @ passed.raw_text
         if needs[3]:
             # dv (I + rt (Wt - I)) = (1 - rt) dv + rt dv Wt
             through = mm_add(grad_v, grad_v, text_adapter, alpha=ratio_text, beta=1.0 - ratio_text)

@@ -42,6 +42,11 @@ def resolve_folder(
     return folder, name
 
 
+# search.json's record of the population size the search runs (`--population`), which a
+# resumed search must keep.
+POPULATION_KEY = "population"
+
+
 def create_folder(
     folder: Path,
     name: str,
@@ -62,6 +67,7 @@ def create_folder(
         "mlflow_parent_run_id": parent,
         "created": dt.datetime.now().isoformat(),
         "selection": selection,
+        POPULATION_KEY: params.get(POPULATION_KEY, 1),
     }
     (folder / SEARCH_FILE).write_text(json.dumps(meta, indent=2))
     (folder / SPACE_FILE).write_text(space.to_yaml())

@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch
 
 from croft_search.contract import (
     JOINT_METRIC,
+    SEARCH_FILE,
     SUMMARY_FILE,
     TEST_PREFIX,
     VAL_PREFIX,
@@ -37,11 +38,17 @@ from croft_search.contract import (
 )
 from croft_search.errors import ConfigError, CroftError
 from croft_search.fronts import pareto_ranks
-from croft_search.search.folder import check_same_space, create_folder, resolve_folder
+from croft_search.search.folder import (
+    POPULATION_KEY,
+    check_same_space,
+    create_folder,
+    resolve_folder,
+)
 from croft_search.search.optuna_bridge import make_sampler, suggest
 from croft_search.search.ray_populations import (
     MEMBERS,
     check_population_space,
+    default_population,
     member_id,
     population_function,
     space_halving,
@@ -83,7 +90,9 @@ class SearchOptions:
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
     verbose: int = 1
-    population: int = 1  # configurations one Ray trial trains at once (ray_populations)
+    # Configurations one Ray trial trains at once (ray_populations); None: chosen for the
+    # hardware (`default_population`), or what a resumed search was started with.
+    population: int | None = None
 
 
 @dataclass
@@ -95,6 +104,7 @@ class SearchOutcome:
     tracking_uri: str
     parent_run_id: str
     search_seconds: float = 0.0  # wall time of the trials phase (after features are loaded)
+    population: int = 1
 
 
 # --------------------------------------------------------------------------- the trial side
@@ -279,6 +289,7 @@ class _Plan:
     gpus: float
     device: str
     selection: str
+    population: int | None  # None until the backbone's width is known (`default_population`)
 
 
 def _plan(space: SearchSpace, options: SearchOptions) -> _Plan:
@@ -292,11 +303,30 @@ def _plan(space: SearchSpace, options: SearchOptions) -> _Plan:
         raise ConfigError(f"--cpus-per-trial must be > 0, got {options.cpus_per_trial}")
     if options.max_concurrent is not None and options.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {options.max_concurrent}")
-    check_population_space(space, options.population)
+    population = options.population
+    if options.resume:
+        population = _resumed_population(folder, population)
+    if population is not None:
+        check_population_space(space, population)
     if options.address:
         _check_reachable(options.address)
     device = "cuda" if gpus > 0 else "cpu"
-    return _Plan(space, folder, name, gpus, device, _selection(space, options.selection))
+    return _Plan(space, folder, name, gpus, device, _selection(space, options.selection),
+                 population)  # fmt: skip
+
+
+def _resumed_population(folder: Path, requested: int | None) -> int:
+    """The population size the search in ``folder`` was started with; another one would
+    restore Ray's searcher for one kind of trial and run the other."""
+    import json
+
+    started = int(json.loads((folder / SEARCH_FILE).read_text()).get(POPULATION_KEY, 1))
+    if requested is not None and requested != started:
+        raise ConfigError(
+            f"search {folder} was started with --population {started}; resume it with that "
+            "or without --population"
+        )
+    return started
 
 
 def _selection(space: SearchSpace, requested: str | None) -> str:
@@ -370,7 +400,7 @@ def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources) -> An
         finished = {
             row["trial_id"]: row for row in Recorder(plan.folder, space, echo=False).table.rows
         }
-    populations = options.population > 1
+    populations = plan.population > 1
     trainable = tune.with_resources(
         tune.with_parameters(
             population_function if populations else trial_function,
@@ -393,7 +423,7 @@ def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources) -> An
         )
     metrics, modes = space.metric_names(), space.modes()
     if populations:
-        searcher = population_searcher_class()(space, plan.selection, options.population,
+        searcher = population_searcher_class()(space, plan.selection, plan.population,
                                                options.seed)  # fmt: skip
     else:
         searcher = searcher_class(
@@ -445,6 +475,9 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         plan.space.target_domain_list(),
         progress=True,
     )
+    if plan.population is None:
+        plan = replace(plan, population=default_population(
+            plan.space, plan.gpus, resources.backbone.embed_dim))  # fmt: skip
     ray.init(
         address=options.address or LOCAL_RAY,
         include_dashboard=False,
@@ -477,6 +510,7 @@ def _parent_params(plan: _Plan, options: SearchOptions) -> dict[str, Any]:
         "selection": plan.selection,
         "gpus_per_trial": plan.gpus,
         "cpus_per_trial": options.cpus_per_trial,
+        POPULATION_KEY: plan.population,
     }
 
 
@@ -497,7 +531,7 @@ def _finish(plan: _Plan, search_seconds: float) -> SearchOutcome:
     recorder.close(summary)
     meta = recorder.meta
     return SearchOutcome(plan.folder, len(frame), summary["failed"], best, meta.tracking_uri,
-                         meta.parent_run_id, search_seconds)  # fmt: skip
+                         meta.parent_run_id, search_seconds, plan.population)  # fmt: skip
 
 
 def _best_rows(ok, space: SearchSpace) -> list[dict[str, Any]]:  # noqa: ANN001

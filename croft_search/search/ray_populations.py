@@ -35,6 +35,15 @@ from croft_search.trial.population import (
 from croft_search.trial.runner import TrialResources
 
 MEMBERS = "members"
+# Without --population: on CPUs the size where bench/population_speed.py's methods gained
+# most per member (more members only add memory traffic); on a GPU share as many as fit in
+# half of its memory, each member counted as MEMBER_MATRICES fp32 d x d matrices (a bound
+# on what a CRoFT member holds during a step: parameters, gradients, momenta, the
+# generator's steps and the backward's temporaries; bench/population_gpu.py measures it).
+CPU_POPULATION = 16
+GPU_POPULATION = 1024
+GPU_MEMORY_USE = 0.5
+MEMBER_MATRICES = 24
 
 
 def member_id(population: str, index: int) -> str:
@@ -50,22 +59,41 @@ def space_halving(space: SearchSpace) -> Halving | None:
                         int(asha["max_t"]))  # fmt: skip
 
 
+def space_refusal(space: SearchSpace) -> str | None:
+    """Why the trials of ``space`` cannot train as populations, or None."""
+    if len(space.seeds) > 1 and space.sampler != "grid":
+        return (
+            f"space {space.name} averages several seeds per trial; populations take one seed "
+            "per member (use the grid sampler's seed axis)"
+        )
+    for method in space.methods:
+        refusal = population_refusal(run_configs(space.config_for(method, None, {}, None))[0])
+        if refusal:
+            return refusal
+    return None
+
+
 def check_population_space(space: SearchSpace, size: int) -> None:
     """Refuse what populations do not do yet, in one line, before anything starts."""
     if size < 1:
         raise ConfigError(f"--population must be >= 1, got {size}")
-    if size == 1:
-        return
-    if len(space.seeds) > 1 and space.sampler != "grid":
-        raise ConfigError(
-            f"space {space.name} averages several seeds per trial; --population > 1 takes "
-            "one seed per member (use the grid sampler's seed axis) or --population 1"
-        )
-    for method in space.methods:
-        probe = run_configs(space.config_for(method, None, {}, None))[0]
-        refusal = population_refusal(probe)
-        if refusal:
-            raise ConfigError(f"--population {size}: {refusal}; use --population 1")
+    refusal = space_refusal(space) if size > 1 else None
+    if refusal:
+        raise ConfigError(f"--population {size}: {refusal}; use --population 1")
+
+
+def default_population(space: SearchSpace, gpus_per_trial: float, embed_dim: int) -> int:
+    """The population size a search takes without ``--population``: 1 where the space's
+    trials cannot batch; on a GPU share as many members of ``embed_dim``-wide features as
+    fit in `GPU_MEMORY_USE` of its memory, at most `GPU_POPULATION`; on CPUs
+    `CPU_POPULATION`."""
+    if space_refusal(space) is not None:
+        return 1
+    if gpus_per_trial > 0 and torch.cuda.is_available():
+        share = torch.cuda.get_device_properties(0).total_memory * min(gpus_per_trial, 1.0)
+        member_bytes = MEMBER_MATRICES * embed_dim * embed_dim * 4
+        return max(1, min(GPU_POPULATION, int(share * GPU_MEMORY_USE // member_bytes)))
+    return CPU_POPULATION
 
 
 class PopulationSearch:

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from croft_search.errors import ConfigError
 from croft_search.selection import objective
@@ -244,14 +245,14 @@ def population_epochs(
     params, buffers = stack_module_state(list(methods))
     trained = {n: params[n] for n in names}
     frozen = {n: p.detach() for n, p in params.items() if n not in trained}
+    device = next(iter(trained.values())).device
     stepper = _StackedOptimizer(trained, hps)
     # The first member's module runs every member's step: functional_call swaps the
     # stacked tensors' slices in for its own.
     step = vmap(_member_loss(methods[0]), randomness="error")
-    values = _stacked_values(methods, hps, next(iter(trained.values())).dtype)
+    values = _stacked_values(methods, hps, next(iter(trained.values())))
     generators = [torch.Generator().manual_seed(hp["seed"]) for hp in hps]
     n, n_views = datas[0].views.shape[:2]
-    device = next(iter(trained.values())).device
     for epoch in range(hp0["epochs"]):
         rates = [learning_rate(epoch, hp) for hp in hps]
         stepper.set_lr([rate * bool(alive) for rate, alive in zip(rates, active, strict=True)])
@@ -265,22 +266,34 @@ def population_epochs(
             features = torch.stack([d.views[i, v] for _, d, (i, v) in drawn])
             labels = torch.stack([m.targets(d.labels[i], i) for m, d, (i, _) in drawn])
             domains = torch.stack([d.domains[i] for _, d, (i, _) in drawn])
-            losses, parts, updates = step(trained, frozen, buffers, values,
-                                          features.to(device), labels.to(device),
-                                          domains.to(device))  # fmt: skip
+            # vmap has no batching rule for the fused CPU attention kernel and would loop over
+            # the members in a prompt learner's text encoder; the math kernel batches.
+            with sdpa_kernel([SDPBackend.MATH]):
+                losses, parts, updates, grads = step(trained, frozen, buffers, values,
+                                                     features.to(device), labels.to(device),
+                                                     domains.to(device))  # fmt: skip
             finite = torch.isfinite(losses.detach())
             if not bool(finite.all()):
                 bad = int(torch.nonzero(~finite)[0])
                 raise TrainingDiverged(
                     f"member {bad}: loss became {float(losses[bad])} in epoch {epoch}"
                 )
-            grads = torch.autograd.grad(losses.sum(), list(trained.values()))
-            stepper.step(dict(zip(trained, grads, strict=True)))
+            by_autograd = [name for name in trained if name not in grads]
+            if by_autograd:
+                found = torch.autograd.grad(losses.sum(), [trained[n] for n in by_autograd])
+                grads = {**grads, **dict(zip(by_autograd, found, strict=True))}
+            stepper.step(grads)
+            everyone = bool(active.all())
+            # The caller sets ``active`` on the CPU; the step's state may live on a GPU.
+            alive = active.to(device) if updates and not everyone else active
             for name, value in updates.items():
                 # State the step moves outside the optimiser (CRoFT's generator); a stopped
                 # member's stays as it was.
                 target = frozen if name in frozen else buffers
-                keep = active.view((-1,) + (1,) * (value.dim() - 1))
+                if everyone:
+                    target[name] = value.detach()
+                    continue
+                keep = alive.view((-1,) + (1,) * (value.dim() - 1))
                 target[name] = torch.where(keep, value.detach(), target[name])
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().double()
@@ -304,10 +317,11 @@ def _write_back(methods: Sequence[Method], state: Mapping[str, torch.Tensor]) ->
 
 
 def _stacked_values(methods: Sequence[Method], hps: Sequence[dict[str, Any]],
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Each `Method.member_values` key as a [K] tensor of the members' values."""
+                    like: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Each `Method.member_values` key as a [K] tensor of the members' values, of the
+    dtype and on the device of ``like``."""
     rows = [type(m).member_values(hp) for m, hp in zip(methods, hps, strict=True)]
-    return {key: torch.tensor([row[key] for row in rows], dtype=dtype) for key in rows[0]}
+    return {key: like.new_tensor([row[key] for row in rows]) for key in rows[0]}
 
 
 def _member_loss(base: Method):
@@ -350,15 +364,16 @@ class _StackedOptimizer:
     def __init__(self, params: dict[str, torch.Tensor], hps: Sequence[dict[str, Any]]) -> None:
         self.params = params
         self.kind = hps[0]["optimizer"]
-        dtype = next(iter(params.values())).dtype
-        self.momentum = torch.tensor([hp["momentum"] for hp in hps], dtype=dtype)
-        self.weight_decay = torch.tensor([hp["weight_decay"] for hp in hps], dtype=dtype)
-        self.lr = torch.zeros(len(hps), dtype=dtype)
+        # Dtype and device of the parameters: a [K] tensor on the CPU cannot scale CUDA ones.
+        like = next(iter(params.values())).detach()
+        self.momentum = like.new_tensor([hp["momentum"] for hp in hps])
+        self.weight_decay = like.new_tensor([hp["weight_decay"] for hp in hps])
+        self.lr = like.new_zeros(len(hps))
         self.state: dict[str, list[torch.Tensor]] = {}
         self.steps = 0
 
     def set_lr(self, rates: Sequence[float]) -> None:
-        self.lr = torch.tensor(rates, dtype=self.lr.dtype)
+        self.lr = self.lr.new_tensor(rates)
 
     def step(self, grads: Mapping[str, torch.Tensor]) -> None:
         self.steps += 1
@@ -373,13 +388,16 @@ class _StackedOptimizer:
 
     def _sgd(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor,
              wd: torch.Tensor, momentum: torch.Tensor) -> None:  # fmt: skip
-        d = grad + wd * param
+        # One fused pass each: on a population's [K, d, d] stacks every pass over memory
+        # costs about what a [K, B, d] x [K, d, d] product does. A member without momentum
+        # keeps b = 0 * b + d = d, which is torch's step without a buffer.
+        d = torch.addcmul(grad, wd, param)
         if name in self.state:
-            buffer = self.state[name][0].mul_(momentum).add_(d)
+            buffer = torch.addcmul(d, momentum, self.state[name][0], out=self.state[name][0])
         else:
-            buffer = d.clone()
+            buffer = d
             self.state[name] = [buffer]
-        param.sub_(lr * torch.where(momentum > 0, buffer, d))
+        param.addcmul_(lr, buffer, value=-1.0)
 
     def _adamw(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor,
                wd: torch.Tensor) -> None:  # fmt: skip
