@@ -14,6 +14,7 @@ it up when called), so every other module, from the data loaders up, may import 
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -148,6 +149,10 @@ def check_setting(name: str, value: Any) -> Any:
     elif kind == "name":
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
+        if name == "dataset" and value is not None and value.lower().endswith((".yaml", ".yml")):
+            # A dataset file: absolute, so a trial running elsewhere (a Ray worker's own
+            # working folder) reads the same file.
+            return os.path.abspath(os.path.expanduser(value))
     return value
 
 
@@ -162,7 +167,7 @@ def open_set_names(settings: Mapping[str, Any]) -> list[str]:
     from croft_search.data import get_dataset_spec  # the dataset registry, at call time
 
     for name in names:
-        if get_dataset_spec(name).kind != "open_set":
+        if not get_dataset_spec(name).is_open_set:
             raise ConfigError(f"test_open_sets: {name} is not an open-set dataset")
     return names
 

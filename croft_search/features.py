@@ -34,6 +34,7 @@ from croft_search.data import (
     Sample,
     dataset_fingerprint,
     get_dataset_spec,
+    id_classes_in,
     load_domain_split,
     load_image,
     load_open_set,
@@ -318,7 +319,7 @@ class FeatureCache:
             spec = get_dataset_spec(dataset)
             every_image: dict[str, set[Sample]] = {d: set() for d in spec.domains}
             train_images: dict[str, set[Sample]] = {d: set() for d in spec.domains}
-            for domain in spec.domains:
+            for domain in spec.target_domains:
                 split = load_domain_split(spec.name, self.data_root, domain)
                 for sample in (*split.train, *split.val, *split.test):
                     every_image[sample.domain].add(sample)
@@ -378,7 +379,7 @@ class FeatureCache:
         train_views = self.features_of(spec.name, split.train, train_kind)
         test_names = tuple(test_open_sets or spec.test_open_sets)
         test_open, set_ids, classes = self.open_set_rows(
-            test_names, test_open_splits, (split.target_domain,), spec.name
+            test_names, test_open_splits, (split.target_domain,), spec.name, split.classnames
         )
         return SplitFeatures(
             classnames=split.classnames,
@@ -399,6 +400,7 @@ class FeatureCache:
                 "val",
                 domains=split.source_domains,
                 id_dataset=spec.name,
+                id_classes=split.classnames,
             ),
             test_open=test_open,
             target_domain=split.target_domain,
@@ -425,11 +427,12 @@ class FeatureCache:
         split: str,
         domains: Collection[str] | None = None,
         id_dataset: str = "",
+        id_classes: Collection[str] = (),
     ) -> torch.Tensor:
         """Clean-view features of one or more open-set datasets, concatenated [M, d]; with
         ``domains``, only the images of those domains where the open set records domains;
         without the classes each open set drops for ``id_dataset``."""
-        return self.open_set_rows(names, (split,), domains, id_dataset)[0]
+        return self.open_set_rows(names, (split,), domains, id_dataset, id_classes)[0]
 
     def open_set_rows(
         self,
@@ -437,21 +440,29 @@ class FeatureCache:
         splits: Sequence[str],
         domains: Collection[str] | None = None,
         id_dataset: str = "",
+        id_classes: Collection[str] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(features [M, d], open-set index [M], class index within its open set [M]) of
         the images of ``names`` in the split lists ``splits`` (an image-folder open set has
-        one list, read once)."""
+        one list, read once), without the classes that are also ``id_classes``."""
         parts, set_ids, classes = [], [], []
         for index, name in enumerate(names):
             spec = get_dataset_spec(name)
             dropped = spec.excluded_for(id_dataset)
-            for split in splits if spec.split_file else splits[:1]:
+            for split in splits if spec.has_split_lists else splits[:1]:
                 open_set, unit = self.open_set_unit(name, split)
+                shared = id_classes_in(open_set.classnames, id_classes) - dropped
+                if shared:
+                    warnings.warn(
+                        f"open set {name}: dropped {len(shared)} class(es) that are also ID "
+                        f"classes of {id_dataset or 'the dataset'} ({', '.join(sorted(shared))})",
+                        stacklevel=2,
+                    )
                 samples = [
                     s
                     for s in open_set.samples
                     if (domains is None or s.domain in ("", *domains))
-                    and s.classname not in dropped
+                    and s.classname not in dropped | shared
                 ]
                 if not samples:
                     raise DataError(

@@ -47,12 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_crop_scale(args.crop_scale)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    spec = get_dataset_spec(args.dataset)
+    root = data_root(args.data_root)
+    spec = get_dataset_spec(args.dataset, root)
     if spec.kind != "domain_split":
         raise ConfigError(f"{spec.name} is an open-set dataset; prepare a domain-split dataset")
-    root = data_root(args.data_root)
     # Check the data (and build embedded data) before loading a possibly large backbone.
-    load_domain_split(spec.name, root, spec.domains[0])
+    load_domain_split(spec.name, root, spec.target_domains[0])
     backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
     cache = FeatureCache(
         backbone,

@@ -33,7 +33,7 @@ def zero_shot_report(
     logit_scale = cache.backbone.logit_scale()
     mcm = get_score("mcm", logit_scale=logit_scale)
     report: dict[str, dict[str, float]] = {}
-    for domain in spec.domains:
+    for domain in spec.target_domains:
         split = load_domain_split(spec.name, cache.data_root, domain)
         text = cache.text_features(class_prompts(template, split.classnames))
         id_logits = zero_shot_logits(cache.features_of(spec.name, split.test), text, logit_scale)

@@ -135,8 +135,8 @@ def test_builtin_datasets_are_registered_with_their_default_open_sets() -> None:
 
 
 def test_unknown_dataset_lists_the_known_ones() -> None:
-    message = raised(ConfigError, get_dataset_spec, "OfficeHome")
-    assert "OfficeHome" in message and "PACS" in message and "digits" in message
+    message = raised(ConfigError, get_dataset_spec, "OfficeHomes")
+    assert "OfficeHomes" in message and "PACS" in message and "digits" in message
 
 
 @pytest.mark.usefixtures("isolated_registry")

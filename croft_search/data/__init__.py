@@ -8,7 +8,7 @@ from croft_search.data.domain_split import load_domain_split
 from croft_search.data.fewshot import SHOTS_PER, sample_few_shot, sample_shots
 from croft_search.data.fingerprint import dataset_fingerprint
 from croft_search.data.images import load_image
-from croft_search.data.open_set import OPEN_SET_LABEL, load_open_set
+from croft_search.data.open_set import OPEN_SET_LABEL, id_classes_in, load_open_set
 from croft_search.data.registry import (
     DatasetSpec,
     dataset_names,
@@ -26,6 +26,7 @@ __all__ = [
     "dataset_fingerprint",
     "dataset_names",
     "get_dataset_spec",
+    "id_classes_in",
     "load_domain_split",
     "load_image",
     "load_open_set",

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from croft_search.data import digits_layout as layout
+from croft_search.data.archives import CIFAR10, CIFAR100, cifar_split_writer
 from croft_search.data.digits import build_digits
+from croft_search.data.generated_splits import image_folder_splits
 from croft_search.data.registry import DatasetSpec, register_dataset
 
 _OOD_BENCH = "download it as described in https://github.com/m-Just/OoD-Bench/tree/main/data"
 _COOP = "download it as described in https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 _EMBEDDED = "it should have been built automatically; call croft_search.data.build_digits"
+_DOMAINBED = (
+    "download it with DomainBed (python -m domainbed.scripts.download, "
+    "https://github.com/facebookresearch/DomainBed)"
+)
+_CIFAR = "unpack the python version from https://www.cs.toronto.edu/~kriz/cifar.html"
+_OOD_SETS = (
+    "download it as the PLP and MOS papers list (https://github.com/deeplearning-wisc/"
+    "large_scale_ood, NINCO: https://github.com/j-cb/NINCO) as <folder>/<class>/<image>"
+)
 
 
 def _embedded_digits_open_set(folder: str) -> DatasetSpec:
@@ -55,6 +66,7 @@ for _spec in (
         kind="domain_split",
         folder="VLCS",
         domains=("CALTECH", "LABELME", "PASCAL", "SUN"),
+        domain_folders=("Caltech101", "LabelMe", "VOC2007", "SUN09"),
         val_open_sets=("Food101",),
         test_open_sets=("DTD",),
         download_hint=_OOD_BENCH,
@@ -70,6 +82,87 @@ for _spec in (
         prompt_template="a photo of the number {}.",
         builder=build_digits,
         download_hint=_EMBEDDED,
+    ),
+    # DomainBed's datasets in DomainBed's folders (PACS and VLCS above read DomainBed's
+    # folders too where OoD-Bench's split files are missing); its default open sets.
+    DatasetSpec(
+        name="OfficeHome",
+        kind="domain_split",
+        folder="office_home",
+        domains=("Art", "Clipart", "Product", "Real World"),
+        val_open_sets=("Food101",),
+        test_open_sets=("DTD",),
+        download_hint=_DOMAINBED,
+    ),
+    DatasetSpec(
+        name="TerraIncognita",
+        kind="domain_split",
+        folder="terra_incognita",
+        domains=("location_100", "location_38", "location_43", "location_46"),
+        val_open_sets=("Food101",),
+        test_open_sets=("DTD",),
+        download_hint=_DOMAINBED,
+    ),
+    DatasetSpec(
+        name="DomainNet",
+        kind="domain_split",
+        folder="domain_net",
+        domains=("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+        val_open_sets=("Food101",),
+        test_open_sets=("DTD",),
+        download_hint=_DOMAINBED,
+    ),
+    # PLP's benchmarks: no covariate shift (one domain, its own test images), OOD sets as
+    # image folders. CIFAR-10 and CIFAR-100 are each other's open sets (validation: the
+    # other's held-out training images; test: its test images).
+    DatasetSpec(
+        name="CIFAR10",
+        kind="domain_split",
+        folder="cifar-10-batches-py",
+        domains=("CIFAR10",),
+        train_domains=("CIFAR10",),
+        val_open_sets=("CIFAR100",),
+        test_open_sets=("CIFAR100",),
+        split_writer=cifar_split_writer(CIFAR10),
+        download_hint=_CIFAR,
+    ),
+    DatasetSpec(
+        name="CIFAR100",
+        kind="domain_split",
+        folder="cifar-100-python",
+        domains=("CIFAR100",),
+        train_domains=("CIFAR100",),
+        val_open_sets=("CIFAR10",),
+        test_open_sets=("CIFAR10",),
+        split_writer=cifar_split_writer(CIFAR100),
+        download_hint=_CIFAR,
+    ),
+    # ImageNet-1k as CoOp keeps it (imagenet/images/{train,val}/<wnid>/, classnames.txt):
+    # the official val images are the test set, validation is held out of train. Food101
+    # validates OOD detection (its classes that ImageNet also names are dropped).
+    DatasetSpec(
+        name="IN1K",
+        kind="domain_split",
+        folder="imagenet",
+        domains=("IN1K",),
+        train_domains=("IN1K",),
+        part_folders=("train", "", "val"),
+        val_open_sets=("Food101",),
+        test_open_sets=("iNaturalist", "SUN", "Places", "Textures", "NINCO", "ImageNet-O"),
+        split_writer=image_folder_splits,
+        holdout_fraction=0.02,
+        download_hint=_COOP,
+    ),
+    *(
+        DatasetSpec(name=name, kind="open_set", folder=folder, download_hint=_OOD_SETS)
+        for name, folder in (
+            ("iNaturalist", "iNaturalist"),
+            ("SUN", "SUN"),
+            ("Places", "Places"),
+            ("Textures", "dtd/images"),
+            ("NINCO", "NINCO/NINCO_OOD_classes"),
+            ("ImageNet-O", "imagenet-o"),
+        )
     ),
     DatasetSpec(
         name="DTD",

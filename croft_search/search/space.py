@@ -288,7 +288,7 @@ class SearchSpace:
         """The target domains by name, "all" expanded: the splits a search loads features
         for."""
         if self.target_domains == "all":
-            return list(get_dataset_spec(self.dataset).domains)
+            return list(get_dataset_spec(self.dataset).target_domains)
         return list(self.target_domains)
 
     def setting(self, key: str) -> Any:

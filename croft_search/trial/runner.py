@@ -69,7 +69,7 @@ class TrialResources:
         test_open_sets: Sequence[str] | None = None,
         eval_protocol: str = "ours",
     ) -> TrialResources:
-        spec = get_dataset_spec(dataset)
+        spec = get_dataset_spec(dataset, root)
         loaded = load_backbone(backbone, pretrained, device=device)
         cache = FeatureCache(loaded, data_root(root), cache_dir=cache_dir, progress=progress)
         # The reference draws its test OOD images from every split list of the open set.
@@ -150,7 +150,7 @@ def target_domains(dataset: str, target: str | Sequence[str]) -> list[str]:
     """The leave-one-domain-out targets: one name, a list, or "all"."""
     spec = get_dataset_spec(dataset)
     if isinstance(target, str):
-        target = list(spec.domains) if target == "all" else [target]
+        target = list(spec.target_domains) if target == "all" else [target]
     if not target:
         raise ConfigError("target_domain is empty; name a domain, several, or 'all'")
     return [spec.canonical_domain(t) for t in target]
