@@ -38,6 +38,10 @@ EPOCH_FLUSH_SECONDS = 5.0
 EPOCH_CURVES = (JOINT_METRIC, "lr", "ce")
 # A trial's status in trials.parquet -> its child run's MLflow status.
 RUN_STATUS = {"ok": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+# MLflow 3's UI opens an experiment by its kind: without this tag it may take a search's
+# experiment for a GenAI one and open on its overview instead of the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -57,9 +61,16 @@ class SearchTracker:
         try:
             self.client = MlflowClient(tracking_uri=tracking_uri)
             found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = (
-                found.experiment_id if found else self.client.create_experiment(experiment)
-            )
+            if found is None:
+                self.experiment_id = self.client.create_experiment(
+                    experiment, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+                )
+            else:
+                self.experiment_id = found.experiment_id
+                if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older croft-search
+                    self.client.set_experiment_tag(
+                        self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING
+                    )
         except Exception as err:  # noqa: BLE001 - any backend failure is the user's URI
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise ConfigError(
