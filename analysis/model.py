@@ -3,6 +3,7 @@ renders. `analysis.pareto.analyse` builds it; `analysis.report` renders it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,6 +11,35 @@ import pandas as pd
 
 from analysis.load import SearchSource
 from analysis.objectives import Objective
+from croft_search.contract import METRICS, TEST_PREFIX, VAL_PREFIX, metric_split
+
+# The front a result can quote is chosen on validation metrics: the joint objective's.
+VALIDATION_METRICS = tuple(
+    name for name, spec in METRICS.items() if spec.split == "val" and "joint" in spec.objectives
+)
+ORACLE_TITLE = "ORACLE front: chosen on test metrics, not a result to quote"
+VALIDATION_TITLE = "Validation front: chosen on validation metrics, test metrics beside"
+
+
+def is_oracle(objectives: Sequence[Objective]) -> bool:
+    """Whether a front over ``objectives`` is selected on test data: an oracle, labelled so
+    wherever it appears."""
+    return any(metric_split(o.name) == "test" for o in objectives)
+
+
+def front_title(objectives: Sequence[Objective]) -> str:
+    if is_oracle(objectives):
+        return ORACLE_TITLE
+    if all(metric_split(o.name) == "val" for o in objectives):
+        return VALIDATION_TITLE
+    return "Pareto front over " + ", ".join(o.name for o in objectives)
+
+
+def test_companions(names: Sequence[str]) -> list[str]:
+    """The test metric of each validation metric in ``names`` (val_acc -> test_acc) that the
+    metric schema knows: what a validation front's trials score where it counts."""
+    twins = [TEST_PREFIX + n[len(VAL_PREFIX) :] for n in names if n.startswith(VAL_PREFIX)]
+    return [twin for twin in twins if twin in METRICS]
 
 
 @dataclass
@@ -47,3 +77,11 @@ class Analysis:
     protocols: list[str] = field(default_factory=list)
     # The paper-shaped table (analysis.paper_table); empty when the trials make none.
     paper: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def oracle(self) -> bool:
+        return is_oracle(self.objectives)
+
+    @property
+    def front_title(self) -> str:
+        return front_title(self.objectives)

@@ -29,7 +29,7 @@ from analysis.load import (
     ok_trials,
     status_counts,
 )
-from analysis.model import Analysis, FrontSummary
+from analysis.model import VALIDATION_METRICS, Analysis, FrontSummary, test_companions
 from analysis.objectives import (
     Objective,
     default_reference_point,
@@ -56,7 +56,7 @@ __all__ = [
     "knee_point",
 ]
 
-DEFAULT_METRICS = "test_acc,test_auroc"
+DEFAULT_METRICS = ",".join(VALIDATION_METRICS)
 COMBINED = "(all trials)"  # the group name of the combined front
 FRONT_CONFIG_COLUMNS = 8  # at most this many varying config values shown next to a front
 
@@ -212,8 +212,10 @@ def _check_reference(
 
 
 def _front_columns(ranked: pd.DataFrame, group_column: str, names: Sequence[str]) -> list[str]:
-    """Columns of the front tables: identity, metrics, then config values that vary."""
+    """Columns of the front tables: identity, metrics (a validation front's test metrics
+    beside them), then config values that vary."""
     identity = ["trial_id", group_column, "selection"]
+    names = [*names, *(m for m in test_companions(list(names)) if m in ranked.columns)]
     if "source" in ranked.columns and ranked["source"].nunique() > 1 and group_column != "source":
         identity.insert(1, "source")
     varying = [
@@ -323,7 +325,7 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument(
         "--metrics", default=DEFAULT_METRICS,
         help="objectives, comma separated; NAME:max / NAME:min overrides the known direction "
-        f"(default {DEFAULT_METRICS})",
+        f"(default {DEFAULT_METRICS}: the validation front; test_ metrics draw the oracle's)",
     )  # fmt: skip
     parser.add_argument(
         "--by", default=None,
@@ -333,7 +335,7 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument(
         "--out", default=None,
         help="output folder (default: RESULTS/analysis, ./analysis-<experiment> for MLflow, "
-        "./analysis-compare for several RESULTS)",
+        "./analysis-compare for several RESULTS; with -oracle appended for test fronts)",
     )  # fmt: skip
     parser.add_argument("--mlflow-experiment", default=None, help="read the trials from MLflow")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI")
@@ -358,15 +360,17 @@ def build_parser() -> OneLineArgumentParser:
     return parser
 
 
-def _default_out(args: argparse.Namespace, sources: Sequence[SearchSource]) -> Path:
+def _default_out(args: argparse.Namespace, sources: Sequence[SearchSource], oracle: bool) -> Path:
+    """Oracle fronts go to their own folder, so they never replace the validation ones."""
     if args.out:
         return Path(args.out)
+    suffix = "-oracle" if oracle else ""
     if args.mlflow_experiment:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in args.mlflow_experiment)
-        return Path(f"analysis-{safe}")
+        return Path(f"analysis-{safe}{suffix}")
     if len(sources) == 1 and sources[0].folder is not None:
-        return sources[0].folder / "analysis"
-    return Path("analysis-compare")
+        return sources[0].folder / f"analysis{suffix}"
+    return Path(f"analysis-compare{suffix}")
 
 
 @exit_on_user_error
@@ -392,13 +396,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         importance=None if args.importance == "none" else args.importance,
         sources=sources,
     )
-    out = _default_out(args, sources)
+    out = _default_out(args, sources, analysis.oracle)
     paths = write_outputs(analysis, out)
 
     reference = ", ".join(
         f"{o.name}={v:g}"
         for o, v in zip(analysis.objectives, analysis.reference_point, strict=True)
     )
+    print(analysis.front_title)
     print(f"reference point: ({reference}) [{analysis.reference_origin}]")
     for summary in [analysis.combined, *analysis.groups]:
         label = (
@@ -414,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {note}")
     if len(sources) == 1 and sources[0].parent_run_id and not args.no_mlflow_log:
         uri = args.tracking_uri or sources[0].tracking_uri
-        print(log_to_parent_run(list(paths.values()), sources[0].parent_run_id, uri))
+        print(log_to_parent_run(list(paths.values()), sources[0].parent_run_id, uri,
+                                analysis.oracle))  # fmt: skip
     print(f"wrote {', '.join(str(path) for path in paths.values())}")
     return 0
 

@@ -16,10 +16,13 @@ import pandas as pd  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from analysis.model import front_title, is_oracle  # noqa: E402
 from analysis.objectives import Objective  # noqa: E402
 from croft_search.fronts import oriented  # noqa: E402
 
 __all__ = ["staircase", "plot_fronts"]
+
+ORACLE_COLOUR = "#c0392b"  # the report's oracle red
 
 
 def staircase(front: np.ndarray, maximize: Sequence[bool]) -> np.ndarray:
@@ -48,7 +51,9 @@ def plot_fronts(
 
     `trials` holds the ranked rows: columns `rank` (combined) and `group_rank` (within the
     group), as written by analysis.pareto. With more than two objectives the fronts are
-    over all of them, so they are marked as points instead of drawn as staircases."""
+    over all of them, so they are marked as points instead of drawn as staircases. An
+    oracle's plot (fronts over test metrics) says so in red in its title and front."""
+    oracle = is_oracle(objectives)
     x_objective, y_objective = objectives[0], objectives[1]
     directions = [x_objective.maximize, y_objective.maximize]
     two_objectives = len(objectives) == 2
@@ -75,11 +80,12 @@ def plot_fronts(
         )  # fmt: skip
 
     combined = trials[trials["rank"] == 0][[x_objective.name, y_objective.name]]
+    front_colour = ORACLE_COLOUR if oracle else "black"
     if two_objectives:
         line = staircase(combined.to_numpy(), directions)
         axes.plot(
-            line[:, 0], line[:, 1], color="black", linestyle="--", linewidth=1.2,
-            label="combined front", zorder=4,
+            line[:, 0], line[:, 1], color=front_colour, linestyle="--", linewidth=1.4,
+            label="combined front (ORACLE)" if oracle else "combined front", zorder=4,
         )  # fmt: skip
     else:
         axes.scatter(
@@ -99,7 +105,10 @@ def plot_fronts(
     shown = f"{x_objective.name} vs {y_objective.name}"
     if not two_objectives:
         shown += f" (fronts over {', '.join(o.name for o in objectives)})"
-    axes.set_title(f"{title}\n{shown}" if title else shown, fontsize=11)
+    axes.set_title(
+        "\n".join(part for part in (front_title(objectives), title, shown) if part), fontsize=11,
+        color=front_colour,
+    )  # fmt: skip
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, loc="best", title="colour = " + group_column, title_fontsize=8)
     path = Path(path)

@@ -21,7 +21,16 @@ TEST_SELECTION_WARNING = (
     "them is selection on the test set (an oracle): quote the validation-selected rows of "
     "the selection table as results."
 )
+VALIDATION_NOTE = (
+    "Fronts over validation metrics: every trial on them was chosen without test data, so "
+    "the test metrics beside them are results a paper can quote."
+)
 ARTIFACT_FOLDER = "analysis"
+ORACLE_ARTIFACT_FOLDER = "analysis-oracle"
+
+
+def _front_note(analysis: Analysis) -> str:
+    return TEST_SELECTION_WARNING if analysis.oracle else VALIDATION_NOTE
 
 
 def _reference_text(analysis: Analysis) -> str:
@@ -63,14 +72,14 @@ def _summary_rows(analysis: Analysis) -> pd.DataFrame:
 def front_markdown(analysis: Analysis) -> str:
     """The combined front and every group's front as Markdown tables."""
     parts = [
-        "# Pareto fronts\n",
+        f"# {analysis.front_title}\n",
         f"Sources: {', '.join(source.name for source in analysis.sources)}  ",
         f"Objectives: {objectives_note(analysis.objectives)}  ",
         f"Hypervolume reference point: {_reference_text(analysis)}  ",
         f"Protocol: {protocol_text(analysis.protocols)}  ",
         "Knee: the front point with the largest sum of objectives rescaled to [0, 1] over "
         "the front (with two objectives: farthest beyond the line joining the extremes).\n",
-        f"> {TEST_SELECTION_WARNING}\n",
+        f"> {_front_note(analysis)}\n",
         "## Summary\n",
         to_markdown(_summary_rows(analysis)),
         _front_section_markdown(analysis.combined, "## Combined front"),
@@ -102,6 +111,7 @@ td:first-child, th:first-child { text-align: left; }
 tr.oracle td { background: #fde8e8; color: #8a1c1c; font-style: italic; }
 .warning { border-left: 4px solid #c0392b; background: #fdf2f2; padding: 0.5em 1em; }
 .note { color: #555; font-size: 13px; }
+h2.oracle { color: #c0392b; }
 img { max-width: 100%; border: 1px solid #ddd; }
 details { margin: 0.3em 0; }
 """
@@ -117,6 +127,8 @@ def report_html(analysis: Analysis, png: bytes) -> str:
         f"<title>Search analysis: {escape(', '.join(s.name for s in analysis.sources))}</title>",
         f"<style>{STYLE}</style>\n</head>\n<body>",
         f"<h1>Search analysis: {escape(', '.join(s.name for s in analysis.sources))}</h1>",
+        f"<h2 class='{'oracle' if analysis.oracle else 'validation'}'>"
+        f"{escape(analysis.front_title)}</h2>",
         f"<p>Objectives: {escape(objectives_note(analysis.objectives))}.<br>"
         f"Trials: {counts['total']} ({escape(analysis.statuses)}); {counts['ranked']} "
         "ranked (status ok and every metric present).<br>"
@@ -125,7 +137,8 @@ def report_html(analysis: Analysis, png: bytes) -> str:
         "Knee: the front point with the largest sum of objectives rescaled to [0, 1] over the "
         "front (with two objectives: the point farthest beyond the line joining the extremes)."
         "</p>",
-        f"<p class='warning'>{escape(TEST_SELECTION_WARNING)}</p>",
+        f"<p class='{'warning' if analysis.oracle else 'note'}'>"
+        f"{escape(_front_note(analysis))}</p>",
         f"<img alt='Pareto plot' src='data:image/png;base64,{picture}'>",
         "<h2>Fronts</h2>",
         to_html(_summary_rows(analysis)),
@@ -179,9 +192,13 @@ def _importance_html(analysis: Analysis) -> str:
     )
 
 
-def log_to_parent_run(files: Sequence[Path], run_id: str, tracking_uri: str | None) -> str:
-    """Log `files` under `analysis/` in the MLflow run `run_id`; returns a line saying what
-    happened (a missing run is reported, not raised: the report on disk stands alone)."""
+def log_to_parent_run(
+    files: Sequence[Path], run_id: str, tracking_uri: str | None, oracle: bool = False
+) -> str:
+    """Log `files` under `analysis/` (an oracle's under `analysis-oracle/`) in the MLflow run
+    `run_id`; returns a line saying what happened (a missing run is reported, not raised:
+    the report on disk stands alone)."""
+    folder = ORACLE_ARTIFACT_FOLDER if oracle else ARTIFACT_FOLDER
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -191,8 +208,7 @@ def log_to_parent_run(files: Sequence[Path], run_id: str, tracking_uri: str | No
     except MlflowException:
         return f"MLflow parent run {run_id} not found at {tracking_uri or 'the default URI'}"
     for file in files:
-        client.log_artifact(run_id, str(file), artifact_path=ARTIFACT_FOLDER)
-    return (
-        f"logged {len(files)} files to MLflow run {run_id} "
-        f"(artifacts/{ARTIFACT_FOLDER}/) at {client.tracking_uri}"
+        client.log_artifact(run_id, str(file), artifact_path=folder)
+    return f"logged {len(files)} files to MLflow run {run_id} (artifacts/{folder}/) at " + str(
+        client.tracking_uri
     )

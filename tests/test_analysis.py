@@ -346,7 +346,7 @@ def test_importance_ranks_the_parameter_that_decides_the_objective() -> None:
 
 def test_cli_writes_the_four_files(search_folder: Path, capsys: pytest.CaptureFixture) -> None:
     assert pareto.main([str(search_folder), "--metrics", "test_acc,test_fpr95"]) == 0
-    out = search_folder / "analysis"
+    out = search_folder / "analysis-oracle"  # a test front never replaces the validation one
     assert sorted(p.name for p in out.iterdir()) == [
         "front.md", "pareto.csv", "pareto.png", "report.html"
     ]  # fmt: skip
@@ -421,7 +421,7 @@ def test_cli_compares_several_searches(tmp_path: Path) -> None:
         f"croft_digits/{s} / {m}" for s in ("first", "second") for m in ("croft", "coop")
     }
     np.testing.assert_array_equal(
-        csv["rank"], pareto_ranks(csv[["test_acc", "test_auroc"]].to_numpy())
+        csv["rank"], pareto_ranks(csv[["val_acc", "val_auroc"]].to_numpy())
     )
 
 
@@ -524,11 +524,11 @@ def _log_search(uri: str, experiment: str, trials: pd.DataFrame) -> str:
     return parent
 
 
-def _artifacts(uri: str, run_id: str) -> set[str]:
+def _artifacts(uri: str, run_id: str, folder: str = "analysis") -> set[str]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    return {Path(item.path).name for item in client.list_artifacts(run_id, "analysis")}
+    return {Path(item.path).name for item in client.list_artifacts(run_id, folder)}
 
 
 @pytest.mark.slow
@@ -549,8 +549,8 @@ def test_cli_reads_mlflow_and_logs_to_the_parent_run(
     assert csv["config/n_ctx"].dtype.kind == "i"  # params parsed back from strings
     merged = csv.merge(trials, on="trial_id", suffixes=("", "_logged"))
     np.testing.assert_allclose(merged["test_acc"], merged["test_acc_logged"])
-    np.testing.assert_array_equal(
-        csv["rank"], pareto_ranks(csv[["test_acc", "test_auroc"]].to_numpy())
+    np.testing.assert_array_equal(  # the default: the validation front
+        csv["rank"], pareto_ranks(csv[["val_acc", "val_auroc"]].to_numpy())
     )
     assert _artifacts(mlflow_store, parent) == {
         "front.md", "pareto.csv", "pareto.png", "report.html"
@@ -572,6 +572,74 @@ def test_cli_reads_mlflow_and_logs_to_the_parent_run(
     assert _artifacts(mlflow_store, second_parent) == {
         "front.md", "pareto.csv", "pareto.png", "report.html"
     }  # fmt: skip
+    # An oracle's report goes beside it, under its own name.
+    assert run_main(str(folder), "--metrics", "test_acc,test_auroc") == 0
+    assert "report.html" in _artifacts(mlflow_store, second_parent, "analysis-oracle")
 
     err = _error_line(capsys, "--mlflow-experiment", "nope", "--tracking-uri", mlflow_store)
     assert "no MLflow experiment named 'nope'" in err
+
+
+def test_the_default_front_is_chosen_on_validation_with_test_metrics_beside(
+    search_folder: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert run_main(str(search_folder)) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Validation front")
+    out = search_folder / "analysis"
+    csv = pd.read_csv(out / "pareto.csv")
+    ok = csv[csv["status"] == "ok"]
+    expected = pareto_ranks(ok[["val_acc", "val_auroc"]].to_numpy(), [True, True])
+    np.testing.assert_array_equal(ok["rank"].to_numpy(), expected)
+    markdown = (out / "front.md").read_text(encoding="utf-8")
+    assert markdown.startswith("# Validation front")
+    header = next(line for line in markdown.splitlines() if line.startswith("| trial_id"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    assert columns[columns.index("val_auroc") + 1 :][:2] == ["test_acc", "test_auroc"]
+    # The front's rows carry their trials' own test metrics.
+    on_front = ok[ok["rank"] == 0].set_index("trial_id")
+    first = next(line for line in markdown.splitlines() if line.startswith("| ") and
+                 line.split("|")[1].strip() in on_front.index)  # fmt: skip
+    cells = [cell.strip() for cell in first.strip("|").split("|")]
+    trial = on_front.loc[cells[0]]
+    assert float(cells[columns.index("test_acc")]) == pytest.approx(trial["test_acc"], abs=1e-4)
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "<h2 class='validation'>Validation front" in report and "ORACLE front" not in report
+
+
+def test_a_test_front_is_labelled_oracle_everywhere(search_folder: Path) -> None:
+    from analysis.model import ORACLE_TITLE
+    from analysis.plots import plot_fronts
+
+    assert run_main(str(search_folder), "--metrics", "test_acc,test_auroc") == 0
+    out = search_folder / "analysis-oracle"
+    assert (out / "front.md").read_text(encoding="utf-8").startswith(f"# {ORACLE_TITLE}")
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert f"<h2 class='oracle'>{ORACLE_TITLE}</h2>" in report and "class='warning'" in report
+    assert not (search_folder / "analysis").exists()
+    # The plot's title says it in red; the validation plot's does not.
+    analysis = pareto.analyse(pd.read_parquet(search_folder / "trials.parquet"),
+                              "test_acc,test_auroc", importance=None)  # fmt: skip
+    figure_titles = []
+    import matplotlib.figure
+
+    original = matplotlib.figure.Figure.savefig
+
+    def keep_title(figure, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        title = figure.axes[0].title
+        figure_titles.append((title.get_text(), title.get_color()))
+        return original(figure, *args, **kwargs)
+
+    matplotlib.figure.Figure.savefig = keep_title
+    try:
+        ranked = analysis.trials[analysis.trials["rank"].notna()]
+        plot_fronts(ranked, analysis.objectives, out / "o.png", analysis.group_column)
+        validation = pareto.analyse(pd.read_parquet(search_folder / "trials.parquet"),
+                                    importance=None)  # fmt: skip
+        ranked = validation.trials[validation.trials["rank"].notna()]
+        plot_fronts(ranked, validation.objectives, out / "v.png", validation.group_column)
+    finally:
+        matplotlib.figure.Figure.savefig = original
+    (oracle_title, oracle_colour), (val_title, val_colour) = figure_titles
+    assert oracle_title.startswith(ORACLE_TITLE) and oracle_colour == "#c0392b"
+    assert val_title.startswith("Validation front") and val_colour == "black"
