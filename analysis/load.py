@@ -25,6 +25,7 @@ __all__ = [
     "resolve_trials_file",
     "load_trials",
     "load_mlflow_trials",
+    "load_epoch_curves",
     "ok_trials",
     "status_counts",
 ]
@@ -223,3 +224,43 @@ def status_counts(frame: pd.DataFrame) -> str:
     """E.g. "3 ok, 1 failed, 2 stopped"."""
     counts = frame["status"].value_counts()
     return ", ".join(f"{count} {status}" for status, count in counts.items())
+
+
+def load_epoch_curves(
+    trials: pd.DataFrame, sources: Sequence[SearchSource], trial_ids: Sequence[str]
+) -> tuple[dict[str, pd.DataFrame], str | None]:
+    """Per-epoch validation curves (`epoch_*` metrics by `step`) of ``trial_ids`` from their
+    MLflow child runs; returns (curves by trial id, a note when some or all are missing).
+    Curves live only in MLflow: an unreachable server leaves the rest of the report whole."""
+    from mlflow.tracking import MlflowClient
+
+    uris = {source.name: source.tracking_uri for source in sources}
+    wanted = trials[trials["trial_id"].astype(str).isin({str(t) for t in trial_ids})]
+    curves: dict[str, pd.DataFrame] = {}
+    problems: list[str] = []
+    for _, row in wanted.iterrows():
+        run_id = row.get("mlflow_run_id")
+        uri = uris.get(str(row.get("source")))
+        if not isinstance(run_id, str) or not run_id or uri is None:
+            continue
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            names = [k for k in client.get_run(run_id).data.metrics if k.startswith("epoch_")]
+            series = {
+                name: {m.step: m.value for m in client.get_metric_history(run_id, name)}
+                for name in names
+            }
+        except Exception as err:  # noqa: BLE001 - any MLflow failure only costs the curves
+            problems.append(str(err).strip().splitlines()[0] if str(err).strip() else repr(err))
+            continue
+        if series:
+            frame = pd.DataFrame(series).rename_axis("step").reset_index()
+            curves[str(row["trial_id"])] = frame
+    if problems:
+        return curves, f"validation curves: MLflow could not be read ({problems[0]})"
+    if not curves:
+        return curves, (
+            "validation curves: no per-epoch metrics recorded for the front's trials (trials "
+            "trained in populations, or by methods without epochs, report only their end)"
+        )
+    return curves, None

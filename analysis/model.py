@@ -77,6 +77,9 @@ class Analysis:
     protocols: list[str] = field(default_factory=list)
     # The paper-shaped table (analysis.paper_table); empty when the trials make none.
     paper: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # Per-epoch validation curves of the combined front's trials, by trial id (from MLflow;
+    # `analysis.load.load_epoch_curves`), empty when none were read.
+    curves: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     @property
     def oracle(self) -> bool:

@@ -20,10 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
+from analysis.figures import (
+    curves_figure,
+    history_figure,
+    importance_figure,
+    parallel_coordinates_figure,
+)
 from analysis.importance import EVALUATORS, importance_table
 from analysis.load import (
     SearchSource,
+    load_epoch_curves,
     load_mlflow_trials,
     load_trials,
     ok_trials,
@@ -264,9 +272,22 @@ def _integers_as_int(values: pd.Series) -> pd.Series:
     return values
 
 
+def extra_figures(analysis: Analysis) -> dict[str, Figure]:
+    """The figures beside the Pareto plot that the trials can make, by file stem."""
+    front_ids = list(analysis.combined.front["trial_id"].astype(str))
+    made = {
+        "history": history_figure(analysis.trials),
+        "parallel_coordinates": parallel_coordinates_figure(analysis.trials, front_ids),
+        "importance": importance_figure(analysis.importance, analysis.group_column),
+        "validation_curves": curves_figure(analysis.curves),
+    }
+    return {name: figure for name, figure in made.items() if figure is not None}
+
+
 def write_outputs(analysis: Analysis, out_dir: str | Path) -> dict[str, Path]:
-    """Write pareto.csv, front.md, pareto.png and report.html into `out_dir`, and
-    paper.md / paper.tex when the trials make a paper table."""
+    """Write pareto.csv, front.md, pareto.png, report.html and a PNG of every other figure
+    the trials make (history, parallel_coordinates, importance, validation_curves) into
+    `out_dir`, and paper.md / paper.tex when the trials make a paper table."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +321,12 @@ def write_outputs(analysis: Analysis, out_dir: str | Path) -> dict[str, Path]:
         analysis.combined.knee_trial,
         title,
     )
-    paths["html"].write_text(report_html(analysis, paths["plot"].read_bytes()), encoding="utf-8")
+    images = {"plot": paths["plot"].read_bytes()}
+    for name, figure in extra_figures(analysis).items():
+        paths[name] = out / f"{name}.png"
+        figure.savefig(paths[name])
+        images[name] = paths[name].read_bytes()
+    paths["html"].write_text(report_html(analysis, images), encoding="utf-8")
     if not analysis.paper.empty:
         paths["paper markdown"] = out / "paper.md"
         paths["paper latex"] = out / "paper.tex"
@@ -396,6 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         importance=None if args.importance == "none" else args.importance,
         sources=sources,
     )
+    front_ids = list(analysis.combined.front["trial_id"].astype(str))
+    analysis.curves, curves_note = load_epoch_curves(analysis.trials, sources, front_ids)
+    if curves_note:
+        analysis.notes.append(curves_note)
     out = _default_out(args, sources, analysis.oracle)
     paths = write_outputs(analysis, out)
 

@@ -117,10 +117,27 @@ details { margin: 0.3em 0; }
 """
 
 
-def report_html(analysis: Analysis, png: bytes) -> str:
-    """One offline page: plot (base64 PNG), fronts, selection, ablation and importance."""
+# The report's figures besides the Pareto plot, by file stem, with their captions.
+FIGURE_CAPTIONS = {
+    "history": "Optimisation history: each trial's validation objective in the order trials "
+    "finished, and the best so far.",
+    "parallel_coordinates": "Parallel coordinates: every searched hyper-parameter and the "
+    "objective, one line per trial.",
+    "importance": "Hyper-parameter importance per front metric.",
+    "validation_curves": "Per-epoch validation curves of the combined front's trials.",
+}
+
+
+def _image(name: str, png: bytes) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f"<img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>"
+
+
+def report_html(analysis: Analysis, images: dict[str, bytes]) -> str:
+    """One offline page: the Pareto plot and every other figure (base64 PNGs), fronts,
+    selection, ablation and importance. ``images``: PNG bytes by figure name ("plot" the
+    Pareto plot, the others as `FIGURE_CAPTIONS` names them)."""
     escape = html.escape
-    picture = base64.b64encode(png).decode("ascii")
     counts = analysis.counts
     parts = [
         "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>",
@@ -139,7 +156,7 @@ def report_html(analysis: Analysis, png: bytes) -> str:
         "</p>",
         f"<p class='{'warning' if analysis.oracle else 'note'}'>"
         f"{escape(_front_note(analysis))}</p>",
-        f"<img alt='Pareto plot' src='data:image/png;base64,{picture}'>",
+        _image("Pareto plot", images["plot"]),
         "<h2>Fronts</h2>",
         to_html(_summary_rows(analysis)),
         f"<h3>Combined front ({len(analysis.combined.front)} trials)</h3>",
@@ -165,6 +182,15 @@ def report_html(analysis: Analysis, png: bytes) -> str:
             to_html(analysis.ablation),
         ]
     parts += ["<h2>Hyper-parameter importance</h2>", _importance_html(analysis)]
+    shown = [name for name in FIGURE_CAPTIONS if name in images]
+    if shown:
+        parts.append("<h2>Figures</h2>")
+    for name in shown:
+        parts += [f"<h3>{escape(name.replace('_', ' ').capitalize())}</h3>",
+                  f"<p class='note'>{escape(FIGURE_CAPTIONS[name])}</p>",
+                  _image(name, images[name])]  # fmt: skip
+    if "validation_curves" not in images:
+        parts.append("<p class='note'>No validation curves: see the notes.</p>")
     if analysis.notes:
         items = "".join(f"<li>{escape(note)}</li>" for note in analysis.notes)
         parts.append(f"<h2>Notes</h2>\n<ul class='note'>{items}</ul>")

@@ -344,11 +344,12 @@ def test_importance_ranks_the_parameter_that_decides_the_objective() -> None:
 # ----------------------------------------------------------------------------- command line
 
 
-def test_cli_writes_the_four_files(search_folder: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_writes_its_files(search_folder: Path, capsys: pytest.CaptureFixture) -> None:
     assert pareto.main([str(search_folder), "--metrics", "test_acc,test_fpr95"]) == 0
     out = search_folder / "analysis-oracle"  # a test front never replaces the validation one
     assert sorted(p.name for p in out.iterdir()) == [
-        "front.md", "pareto.csv", "pareto.png", "report.html"
+        "front.md", "history.png", "importance.png", "parallel_coordinates.png", "pareto.csv",
+        "pareto.png", "report.html",
     ]  # fmt: skip
     printed = capsys.readouterr().out
     assert "reference point: (test_acc=0, test_fpr95=1)" in printed
@@ -399,7 +400,7 @@ def test_the_report_labels_the_protocol(tmp_path: Path) -> None:
     analysis = pareto.analyse(mixed, "test_acc,test_auroc")
     assert analysis.protocols == sorted([ours, reference])
     assert "the trials ran under 2 protocols; fronts and tables mix them" in analysis.notes
-    page = report.report_html(analysis, b"png")
+    page = report.report_html(analysis, {"plot": b"png"})
     assert "Protocol: eval=ours" in page and "not comparable with eval=ours" in page
     old = pareto.analyse(trials, "test_acc,test_auroc")
     assert "Protocol: not recorded" in report.front_markdown(old)
@@ -553,7 +554,8 @@ def test_cli_reads_mlflow_and_logs_to_the_parent_run(
         csv["rank"], pareto_ranks(csv[["val_acc", "val_auroc"]].to_numpy())
     )
     assert _artifacts(mlflow_store, parent) == {
-        "front.md", "pareto.csv", "pareto.png", "report.html"
+        "front.md", "pareto.csv", "pareto.png", "report.html", "parallel_coordinates.png",
+        "history.png",
     }  # fmt: skip
 
     # A search folder whose search.json names the parent run: the report lands there too.
@@ -570,7 +572,8 @@ def test_cli_reads_mlflow_and_logs_to_the_parent_run(
     )
     assert run_main(str(folder)) == 0
     assert _artifacts(mlflow_store, second_parent) == {
-        "front.md", "pareto.csv", "pareto.png", "report.html"
+        "front.md", "pareto.csv", "pareto.png", "report.html", "parallel_coordinates.png",
+        "history.png",
     }  # fmt: skip
     # An oracle's report goes beside it, under its own name.
     assert run_main(str(folder), "--metrics", "test_acc,test_auroc") == 0
