@@ -78,8 +78,10 @@ class Analysis:
     # The paper-shaped table (analysis.paper_table); empty when the trials make none.
     paper: pd.DataFrame = field(default_factory=pd.DataFrame)
     # Per-epoch validation curves of the combined front's trials, by trial id (from MLflow;
-    # `analysis.load.load_epoch_curves`), empty when none were read.
+    # `analysis.load.load_epoch_curves`), empty when none were read, and the one sentence
+    # the report shows in their place then.
     curves: dict[str, pd.DataFrame] = field(default_factory=dict)
+    curves_note: str = "No per-epoch validation curves were read for the front's trials."
 
     @property
     def oracle(self) -> bool:

@@ -426,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     analysis.curves, curves_note = load_epoch_curves(analysis.trials, sources, front_ids)
     if curves_note:
         analysis.notes.append(curves_note)
+        if not analysis.curves:  # the report's sentence where the figure would be
+            analysis.curves_note = f"{curves_note[0].upper()}{curves_note[1:]}."
     out = _default_out(args, sources, analysis.oracle)
     paths = write_outputs(analysis, out)
 

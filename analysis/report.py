@@ -117,15 +117,16 @@ details { margin: 0.3em 0; }
 """
 
 
-# The report's figures besides the Pareto plot, by file stem, with their captions.
+# The report's figures besides the Pareto plot, by file stem: heading and caption.
 FIGURE_CAPTIONS = {
-    "history": "Optimisation history: each trial's validation objective in the order trials "
-    "finished, and the best so far.",
-    "parallel_coordinates": "Parallel coordinates: every searched hyper-parameter and the "
-    "objective, one line per trial.",
-    "importance": "Hyper-parameter importance per front metric.",
-    "validation_curves": "Per-epoch validation curves of the combined front's trials.",
-}
+    "history": ("Optimisation history", "Each trial's validation objective in the order "
+                "trials finished, and the best so far."),
+    "parallel_coordinates": ("Parallel coordinates", "Every searched hyper-parameter and the "
+                             "objective, one line per trial."),
+    "importance": ("Hyper-parameter importance", "Importance per front metric."),
+    "validation_curves": ("Validation curves", "Per-epoch validation curves of the combined "
+                          "front's trials."),
+}  # fmt: skip
 
 
 def _image(name: str, png: bytes) -> str:
@@ -182,15 +183,16 @@ def report_html(analysis: Analysis, images: dict[str, bytes]) -> str:
             to_html(analysis.ablation),
         ]
     parts += ["<h2>Hyper-parameter importance</h2>", _importance_html(analysis)]
-    shown = [name for name in FIGURE_CAPTIONS if name in images]
-    if shown:
-        parts.append("<h2>Figures</h2>")
-    for name in shown:
-        parts += [f"<h3>{escape(name.replace('_', ' ').capitalize())}</h3>",
-                  f"<p class='note'>{escape(FIGURE_CAPTIONS[name])}</p>",
-                  _image(name, images[name])]  # fmt: skip
-    if "validation_curves" not in images:
-        parts.append("<p class='note'>No validation curves: see the notes.</p>")
+    parts.append("<h2>Figures</h2>")
+    for name, (heading, caption) in FIGURE_CAPTIONS.items():
+        # The curves are the one figure a finished search may lack for a reason worth
+        # reading (populations report only their end): say it where the figure would be.
+        if name not in images and name != "validation_curves":
+            continue
+        parts += [f"<h3>{escape(heading)}</h3>",
+                  f"<p class='note'>{escape(caption)}</p>",
+                  _image(name, images[name]) if name in images
+                  else f"<p class='note'>{escape(analysis.curves_note)}</p>"]  # fmt: skip
     if analysis.notes:
         items = "".join(f"<li>{escape(note)}</li>" for note in analysis.notes)
         parts.append(f"<h2>Notes</h2>\n<ul class='note'>{items}</ul>")

@@ -612,7 +612,7 @@ def test_the_default_front_is_chosen_on_validation_with_test_metrics_beside(
 
 def test_a_test_front_is_labelled_oracle_everywhere(search_folder: Path) -> None:
     from analysis.model import ORACLE_TITLE
-    from analysis.plots import plot_fronts
+    from analysis.plots import ORACLE_COLOUR, pareto_figure
 
     assert run_main(str(search_folder), "--metrics", "test_acc,test_auroc") == 0
     out = search_folder / "analysis-oracle"
@@ -620,29 +620,27 @@ def test_a_test_front_is_labelled_oracle_everywhere(search_folder: Path) -> None
     report = (out / "report.html").read_text(encoding="utf-8")
     assert f"<h2 class='oracle'>{ORACLE_TITLE}</h2>" in report and "class='warning'" in report
     assert not (search_folder / "analysis").exists()
-    # The plot's title says it in red; the validation plot's does not.
-    analysis = pareto.analyse(pd.read_parquet(search_folder / "trials.parquet"),
-                              "test_acc,test_auroc", importance=None)  # fmt: skip
-    figure_titles = []
-    import matplotlib.figure
+    # The plot's title says it in red, and an oracle has no "on test" points to add.
+    trials = pd.read_parquet(search_folder / "trials.parquet")
+    analysis = pareto.analyse(trials, "test_acc,test_auroc", importance=None)
+    ranked = analysis.trials[analysis.trials["rank"].notna()]
+    axes = pareto_figure(ranked, analysis.objectives, analysis.group_column).axes[0]
+    assert axes.title.get_text().startswith(ORACLE_TITLE)
+    assert axes.title.get_color() == ORACLE_COLOUR
+    assert not [c for c in axes.collections if "on test" in c.get_label()]
 
-    original = matplotlib.figure.Figure.savefig
 
-    def keep_title(figure, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        title = figure.axes[0].title
-        figure_titles.append((title.get_text(), title.get_color()))
-        return original(figure, *args, **kwargs)
+def test_the_validation_plot_shows_the_fronts_test_metrics(search_folder: Path) -> None:
+    from analysis.plots import TEST_LABEL, pareto_figure
 
-    matplotlib.figure.Figure.savefig = keep_title
-    try:
-        ranked = analysis.trials[analysis.trials["rank"].notna()]
-        plot_fronts(ranked, analysis.objectives, out / "o.png", analysis.group_column)
-        validation = pareto.analyse(pd.read_parquet(search_folder / "trials.parquet"),
-                                    importance=None)  # fmt: skip
-        ranked = validation.trials[validation.trials["rank"].notna()]
-        plot_fronts(ranked, validation.objectives, out / "v.png", validation.group_column)
-    finally:
-        matplotlib.figure.Figure.savefig = original
-    (oracle_title, oracle_colour), (val_title, val_colour) = figure_titles
-    assert oracle_title.startswith(ORACLE_TITLE) and oracle_colour == "#c0392b"
-    assert val_title.startswith("Validation front") and val_colour == "black"
+    analysis = pareto.analyse(pd.read_parquet(search_folder / "trials.parquet"), importance=None)
+    ranked = analysis.trials[analysis.trials["rank"].notna()]
+    axes = pareto_figure(ranked, analysis.objectives, analysis.group_column).axes[0]
+    assert axes.title.get_text().startswith("Validation front")
+    assert axes.title.get_color() == "black"
+    (on_test,) = [c for c in axes.collections
+                  if c.get_label() == TEST_LABEL.format("test_acc", "test_auroc")]  # fmt: skip
+    front = ranked[ranked["rank"] == 0]
+    expected = front[["test_acc", "test_auroc"]].to_numpy(dtype=float)
+    np.testing.assert_allclose(np.asarray(on_test.get_offsets()), expected)
+    assert "test_acc" in axes.get_xlabel() and "test_auroc" in axes.get_ylabel()

@@ -4,6 +4,7 @@ curves read from the search's MLflow runs."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -97,19 +98,38 @@ def write_search(folder: Path, frame: pd.DataFrame, uri: str | None) -> None:
     (folder / "search.json").write_text(json.dumps(meta))
 
 
+FIGURES = ["pareto", "history", "parallel_coordinates", "importance", "validation_curves"]
+
+
 def test_the_report_embeds_every_figure_and_writes_each_as_png(tmp_path, capsys) -> None:
     folder = tmp_path / "runs" / "figures" / "s"
     write_search(folder, trials_frame(), f"sqlite:///{tmp_path / 'm.db'}")
     assert pareto.main([str(folder), "--no-mlflow-log"]) == 0
     out = folder / "analysis"
-    names = ["pareto", "history", "parallel_coordinates", "importance", "validation_curves"]
-    for name in names:
+    for name in FIGURES:
         data = (out / f"{name}.png").read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
     page = (out / "report.html").read_text(encoding="utf-8")
-    assert len(re.findall(r"<img [^>]*src='data:image/png;base64,", page)) == len(names)
+    embedded = re.findall(r"<img [^>]*src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(embedded) == len(FIGURES)
+    # Each embedded image is one of the PNG files, byte for byte.
+    files = {(out / f"{name}.png").read_bytes() for name in FIGURES}
+    assert {base64.b64decode(data) for data in embedded} == files
     assert "<h3>Validation curves</h3>" in page and "src='http" not in page
     assert "validation curves:" not in capsys.readouterr().out
+
+
+def test_write_outputs_returns_every_figure(tmp_path) -> None:
+    frame = trials_frame()
+    analysis = pareto.analyse(frame, importance="fanova")
+    analysis.curves = {"t03": pd.DataFrame({"step": [0, 1, 2], "epoch_val_acc": [0.5, 0.6, 0.7]})}
+    paths = pareto.write_outputs(analysis, tmp_path / "out")
+    pngs = {name: path for name, path in paths.items() if path.suffix == ".png"}
+    assert set(pngs) == {"plot", *FIGURES[1:]}
+    for path in pngs.values():
+        assert path.is_file() and path.read_bytes().startswith(PNG_MAGIC)
+    page = paths["html"].read_text(encoding="utf-8")
+    assert page.count("src='data:image/png;base64,") == len(pngs)
 
 
 def test_without_curves_the_report_says_so(tmp_path, capsys) -> None:
@@ -120,14 +140,28 @@ def test_without_curves_the_report_says_so(tmp_path, capsys) -> None:
     assert not (out / "validation_curves.png").exists()
     assert "note: validation curves: no per-epoch metrics" in capsys.readouterr().out
     page = (out / "report.html").read_text(encoding="utf-8")
-    assert "No validation curves: see the notes." in page
+    # One sentence where the figure would be, not an image.
+    section = page.split("<h3>Validation curves</h3>")[1].split("<h", 1)[0]
+    assert "<img" not in section
+    assert "Validation curves: no per-epoch metrics recorded" in section
+    assert section.count(".</p>") == 2  # the caption and the one sentence
 
 
-def test_an_unknown_metric_is_still_one_line(tmp_path, capsys) -> None:
-    folder = tmp_path / "runs" / "figures" / "s"
-    write_search(folder, trials_frame(), None)
+def _one_error_line(capsys, *argv: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        pareto.main([str(folder), "--metrics", "val_nothing"])
+        pareto.main([*argv, "--importance", "none"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "val_nothing" in err[0]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_bad_input_is_still_one_line(tmp_path, capsys) -> None:
+    folder = tmp_path / "runs" / "figures" / "s"
+    write_search(folder, trials_frame(), None)
+    err = _one_error_line(capsys, str(folder), "--metrics", "val_nothing,val_acc")
+    assert "unknown metric 'val_nothing'" in err
+    failed = tmp_path / "runs" / "figures" / "failed"
+    write_search(failed, trials_frame().assign(status="failed", error="out of memory"), None)
+    err = _one_error_line(capsys, str(failed))
+    assert "none of its 12 trials finished with status ok" in err
