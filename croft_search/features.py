@@ -9,6 +9,10 @@ split's train/val/test tensors are gathered from the units of its domains by pat
 View kinds: ``clean`` (the evaluation transform, one view per image) for every image, and
 ``aug<V>s<seed>`` (V random-resized-crop views, with flips where the dataset allows them)
 for the images some split file uses for training.
+
+A unit is written whole (write-then-rename) with a sha256 of its feature bytes in its
+metadata, checked on every read. Encoding itself (worker processes, mixed precision on CUDA,
+shards that let an interrupted encoding resume) is ``croft_search.encoding``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from croft_search.backbones import Backbone
 from croft_search.config import feature_cache_dir
@@ -36,13 +39,14 @@ from croft_search.data import (
     get_dataset_spec,
     id_classes_in,
     load_domain_split,
-    load_image,
     load_open_set,
 )
 from croft_search.data.base import OpenSet
+from croft_search.encoding import SHARD_SIZE, ImageEncoder
 from croft_search.errors import DataError
 
-CACHE_FORMAT_VERSION = 1
+# 2: a sha256 of the feature bytes in the metadata, and the precision they were computed in.
+CACHE_FORMAT_VERSION = 2
 CLEAN_VIEW = "clean"
 
 
@@ -120,15 +124,26 @@ class FeatureCache:
         cache_dir: Path | None = None,
         batch_size: int = 256,
         progress: bool = True,
+        workers: int = 0,
+        shard_size: int = SHARD_SIZE,
+        mixed_precision: bool = True,
     ) -> None:
+        """``workers``: processes that decode and augment images (0: this one);
+        ``shard_size``: image views per resumable shard of a unit being encoded;
+        ``mixed_precision``: autocast the forward pass on CUDA (ignored elsewhere)."""
         self.backbone = backbone
         self.data_root = Path(data_root)
         self.cache_dir = Path(cache_dir) if cache_dir else feature_cache_dir()
-        self.batch_size = batch_size
-        self.progress = progress
-        self.encoded_images = 0  # how many image views this instance pushed through the encoder
+        self.encoder = ImageEncoder(
+            backbone, batch_size, workers, shard_size, mixed_precision, progress
+        )
         self._units: dict[tuple[str, str, str], CachedFeatures] = {}
         self._images: dict[str, tuple[dict[str, list[Sample]], dict[str, list[Sample]]]] = {}
+
+    @property
+    def encoded_images(self) -> int:
+        """How many image views this instance pushed through the encoder."""
+        return self.encoder.encoded_images
 
     # ------------------------------------------------------------------ image units
     def unit_path(self, dataset: str, domain: str, view_kind: str) -> Path:
@@ -161,54 +176,26 @@ class FeatureCache:
         if cached is not None:
             return cached
         views, seed, crop_scale = _parse_view_kind(view_kind)
-        features = self._encode(
-            samples, views, seed, crop_scale, hflip, f"{dataset}/{domain or '-'} {view_kind}"
+        features = self.encoder.encode(
+            samples,
+            views,
+            seed,
+            crop_scale,
+            hflip,
+            label=f"{dataset}/{domain or '-'} {view_kind}",
+            shard_dir=self.encoder.shard_folder(path, expected),
         )
         unit = CachedFeatures(
             paths=tuple(_relative(s.path, self.data_root) for s in samples),
             labels=torch.as_tensor([s.label for s in samples], dtype=torch.long),
             features=features,
         )
-        self._write(path, unit, expected | {"dataset": dataset, "domain": domain})
+        metadata = expected | {"dataset": dataset, "domain": domain}
+        # The precision is recorded, not part of the key: a unit filled on a GPU in autocast
+        # serves the trials of every device, as one filled on the CPU does.
+        self._write(path, unit, metadata | {"precision": self.encoder.precision})
+        self.encoder.discard_shards(path)
         return unit
-
-    def _encode(
-        self,
-        samples: Sequence[Sample],
-        views: int,
-        seed: int,
-        crop_scale: float,
-        hflip: bool,
-        label: str,
-    ) -> torch.Tensor:
-        backbone = self.backbone
-        transform = (
-            backbone.eval_transform if views == 0 else backbone.train_transform(hflip, crop_scale)
-        )
-        n_views = max(views, 1)
-        out = torch.empty(len(samples), n_views, backbone.embed_dim)
-        jobs = [(i, v) for i in range(len(samples)) for v in range(n_views)]
-        bar = tqdm(total=len(jobs), desc=f"encoding {label}", unit="img", disable=not self.progress)
-        for start in range(0, len(jobs), self.batch_size):
-            chunk = jobs[start : start + self.batch_size]
-            batch = []
-            for i, v in chunk:
-                image = load_image(samples[i].path)
-                if views:
-                    # Seeded per (image, view) so the views do not depend on batch order;
-                    # in a forked generator, so the caller's random stream is left alone.
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(_view_seed(seed, samples[i].path, v))
-                        batch.append(transform(image))
-                else:
-                    batch.append(transform(image))
-            encoded = backbone.encode_images(torch.stack(batch).to(backbone.device)).float().cpu()
-            for (i, v), feature in zip(chunk, encoded, strict=True):
-                out[i, v] = feature
-            self.encoded_images += len(chunk)
-            bar.update(len(chunk))
-        bar.close()
-        return out
 
     # ------------------------------------------------------------------ text
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -249,6 +236,9 @@ class FeatureCache:
             rows = table.num_rows
             if rows != int(meta["rows"]) or flat.size != rows * dim:
                 raise ValueError(f"{rows} rows, {flat.size} values")
+            if _feature_digest(flat) != meta.get("sha256"):
+                # Bytes changed on disk that Parquet's own decoding did not notice.
+                raise ValueError("the features do not match their sha256")
             features = torch.from_numpy(
                 flat.astype(np.float32, copy=True)
             )  # arrow buffers are read-only
@@ -265,7 +255,8 @@ class FeatureCache:
     @staticmethod
     def _write(path: Path, unit: CachedFeatures, metadata: dict[str, str]) -> None:
         n, n_views, dim = unit.features.shape
-        flat = pa.array(unit.features.reshape(-1).numpy(), type=pa.float32())
+        values = unit.features.reshape(-1).numpy()
+        flat = pa.array(values, type=pa.float32())
         table = pa.table(
             {
                 "path": pa.array([p for p in unit.paths for _ in range(n_views)], pa.string()),
@@ -274,7 +265,12 @@ class FeatureCache:
                 "feature": pa.FixedSizeListArray.from_arrays(flat, dim),
             }
         )
-        metadata = metadata | {"views": str(n_views), "dim": str(dim), "rows": str(n * n_views)}
+        metadata = metadata | {
+            "views": str(n_views),
+            "dim": str(dim),
+            "rows": str(n * n_views),
+            "sha256": _feature_digest(values),
+        }
         table = table.replace_schema_metadata(metadata)
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write-then-rename: an interrupted run leaves a temp file, never a half cache file.
@@ -488,6 +484,7 @@ def _parse_view_kind(view_kind: str) -> tuple[int, int, float]:
     return int(views), int(seed), float(scale) if scale else DEFAULT_CROP_SCALE
 
 
-def _view_seed(seed: int, path: Path, view: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{Path(path).name}:{Path(path).parent.name}:{view}".encode())
-    return int.from_bytes(digest.digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+def _feature_digest(values: np.ndarray) -> str:
+    """sha256 of features as float32 bytes in the machine's order (little-endian on every
+    platform torch runs on), the same whether they come from a tensor or back from Arrow."""
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.float32).data).hexdigest()

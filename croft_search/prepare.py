@@ -10,6 +10,7 @@ from croft_search.backbones import check_crop_scale, load_backbone
 from croft_search.config import data_root, feature_cache_dir
 from croft_search.contract import DEFAULT_CROP_SCALE, EMBEDDED_BACKBONE, EMBEDDED_DATASET
 from croft_search.data import get_dataset_spec, load_domain_split
+from croft_search.encoding import check_workers, default_workers
 from croft_search.errors import ConfigError, OneLineArgumentParser, exit_on_user_error
 from croft_search.features import CLEAN_VIEW, FeatureCache, augmented_view_kind
 
@@ -36,6 +37,13 @@ def build_parser() -> OneLineArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="feature cache (default: $CROFT_CACHE)")
     parser.add_argument("--device", default="cpu", help="torch device for encoding")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that decode and augment images (0: the encoding process; default: "
+        "0 on CPU, where the forward pass needs every core, up to 4 on CUDA)",
+    )
     return parser
 
 
@@ -47,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_crop_scale(args.crop_scale)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers is not None:
+        check_workers(args.workers)
     root = data_root(args.data_root)
     spec = get_dataset_spec(args.dataset, root)
     if spec.kind != "domain_split":
@@ -54,11 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Check the data (and build embedded data) before loading a possibly large backbone.
     load_domain_split(spec.name, root, spec.target_domains[0])
     backbone = load_backbone(args.backbone, args.pretrained, device=args.device)
+    workers = default_workers(backbone.device) if args.workers is None else args.workers
     cache = FeatureCache(
         backbone,
         root,
         cache_dir=args.cache_dir or feature_cache_dir(),
         batch_size=args.batch_size,
+        workers=workers,
     )
     started = time.perf_counter()
     units = cache.prepare_dataset(
@@ -84,7 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{'open set ' + name:<30}{count:>8}")
     print(
         f"encoded {cache.encoded_images} image views in {seconds:.1f} s "
-        f"({'cache hit' if cache.encoded_images == 0 else 'cache filled'})"
+        f"({'cache hit' if cache.encoded_images == 0 else 'cache filled'}, "
+        f"{workers} decoding worker{'s' if workers != 1 else ''})"
     )
     print(f"cache: {cache.cache_dir}")
     return 0
