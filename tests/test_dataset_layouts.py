@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -343,3 +344,76 @@ test_open_sets: [reds, {name: greens, folder: greens}]
         per_set = [result[f"test_{metric}_reds"], result[f"test_{metric}_greens"]]
         assert result[f"test_{metric}"] == pytest.approx(sum(per_set) / 2)
     assert 0.0 <= result["test_acc"] <= 1.0 and result["target_domains"] == "tones"
+
+
+# --- Setup I of the CRoFT paper ----------------------------------------------------------
+
+
+def write_setup1(root: Path, n_classes: int = 10) -> list[str]:
+    wnids = [f"n{index:08d}" for index in range(n_classes)]
+    (root / "imagenet").mkdir(parents=True)
+    (root / "imagenet" / "classnames.txt").write_text(
+        "".join(f"{w} class {i}\n" for i, w in enumerate(wnids))
+    )
+    for index, wnid in enumerate(wnids):
+        for part, count in (("train", 6), ("val", 5)):
+            for k in range(count):
+                image(root / "imagenet" / "images" / part / wnid / f"{k}.JPEG", k)
+        image(root / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / str(index)
+              / "0.jpeg")  # fmt: skip
+        image(root / "imagenet-sketch" / "images" / wnid / "0.JPEG")
+    for folder in ("imagenet-adversarial/imagenet-a", "imagenet-rendition/imagenet-r"):
+        for wnid in wnids[::2]:  # like -A and -R, a subset of the classes
+            image(root / folder / wnid / "0.jpg")
+    return wnids
+
+
+def test_setup1_splits_imagenet_classes_as_the_reference_draws_them(tmp_path: Path) -> None:
+    wnids = write_setup1(tmp_path)
+    np.random.seed(1)  # the reference: Dassl seeds numpy, then the dataset draws
+    reference = np.random.choice([f"class {i}" for i in range(10)], 4, replace=False).tolist()
+    split = load_domain_split("ImageNet46", tmp_path, "imagenet_a")
+    assert list(split.classnames) == reference
+    assert split.source_domains == ("imagenet",) and split.target_domain == "imagenet_a"
+    assert {s.domain for s in split.train} == {"imagenet"} and len(split.train) == 4 * 6
+    assert len(split.val) == 4 * 4 and all("images/val" in str(s.path) for s in split.val)
+    ids = {f"class {i}" for i in range(0, 10, 2)} & set(reference)  # -A's classes that are ID
+    assert {s.classname for s in split.test} == ids and {s.domain for s in split.test} == {
+        "imagenet_a"
+    }
+    # ImageNet-V2 names its class folders by index into classnames.txt.
+    v2 = load_domain_split("ImageNet46", tmp_path, "imagenet_v2")
+    assert sorted(s.classname for s in v2.test) == sorted(reference)
+    for sample in v2.test:
+        index = int(sample.path.parent.name)
+        assert f"class {index}" == sample.classname and sample.label == reference.index(
+            sample.classname
+        )
+    assert wnids and get_dataset_spec("ImageNet46").target_domains == (
+        "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")  # fmt: skip
+
+
+def test_setup1_open_set_is_imagenets_other_classes(tmp_path: Path) -> None:
+    write_setup1(tmp_path)
+    split = load_domain_split("ImageNet46", tmp_path, "imagenet_sketch")
+    test = load_open_set("ImageNet46-OOD", tmp_path, split="test")
+    val = load_open_set("ImageNet46-OOD", tmp_path, split="val")
+    assert not set(test.classnames) & set(split.classnames) and len(test.classnames) == 6
+    assert len(test.samples) == 6 * 5 and all("images/val" in str(s.path) for s in test.samples)
+    assert len(val.samples) == 6 * 4 and all("images/train" in str(s.path) for s in val.samples)
+    assert {s.domain for s in test.samples} == {""}  # the same OOD images for every target
+
+
+def test_setup1_bad_layout_is_one_line(tmp_path: Path) -> None:
+    write_setup1(tmp_path)
+    (tmp_path / "imagenet" / "classnames.txt").unlink()
+    assert "classnames.txt not found" in message(
+        DataError, load_domain_split, "ImageNet46", tmp_path, "imagenet_r"
+    )
+    write_setup1(tmp_path / "other")
+    shutil.rmtree(tmp_path / "other" / "imagenet-rendition")
+    text = message(DataError, load_domain_split, "ImageNet46", tmp_path / "other", "imagenet_r")
+    assert "imagenet_r not found" in text
+    assert "tests on imagenet_v2" in message(
+        ConfigError, load_domain_split, "ImageNet46", tmp_path / "other", "imagenet"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from croft_search.data import digits_layout as layout
+from croft_search.data import imagenet_setup1 as setup1
 from croft_search.data.archives import CIFAR10, CIFAR100, cifar_split_writer
 from croft_search.data.digits import build_digits
 from croft_search.data.generated_splits import image_folder_splits
@@ -151,6 +152,37 @@ for _spec in (
         test_open_sets=("iNaturalist", "SUN", "Places", "Textures", "NINCO", "ImageNet-O"),
         split_writer=image_folder_splits,
         holdout_fraction=0.02,
+        download_hint=_COOP,
+    ),
+    # Setup I of the CRoFT paper (croft_search/data/imagenet_setup1.py): trained on ImageNet's
+    # ID classes, tested on ImageNet-V2, -Sketch, -A and -R, ImageNet's other classes OOD.
+    DatasetSpec(
+        name="ImageNet46",
+        kind="domain_split",
+        folder="imagenet",
+        domains=setup1.DOMAINS,
+        domain_folders=(
+            "imagenet",
+            "imagenetv2",
+            "imagenet-sketch",
+            "imagenet-adversarial",
+            "imagenet-rendition",
+        ),  # fmt: skip
+        train_domains=(setup1.SOURCE,),
+        val_open_sets=("ImageNet46-OOD",),
+        test_open_sets=("ImageNet46-OOD",),
+        split_writer=setup1.setup1_splits,
+        split_seed=1,
+        download_hint=_COOP,
+    ),
+    DatasetSpec(
+        name="ImageNet46-OOD",
+        kind="open_set",
+        folder="imagenet",
+        split_file=setup1.OPEN_SET_FILE,
+        image_subdir="",
+        split_writer=setup1.setup1_open_set,
+        split_seed=1,
         download_hint=_COOP,
     ),
     *(

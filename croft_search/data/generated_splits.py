@@ -74,7 +74,7 @@ def domainbed_splits(spec: DatasetSpec, folder: Path) -> tuple[Path, Path]:
         kept[domain] = [rows[i] for i in order[n_out:]]
     for target in spec.target_domains:
         sources = spec.source_domains(target)
-        _write_json(
+        write_json(
             out / split_file_name(target),
             {
                 "train": [row for d in sources for row in kept[d]],
@@ -122,7 +122,7 @@ def image_folder_splits(spec: DatasetSpec, folder: Path) -> tuple[Path, Path]:
     else:
         train, val = _hold_out(train, spec.holdout_fraction, spec.split_seed)
     test = _rows(listing["test"], classes, names)
-    _write_json(out / split_file_name(domain), {"train": train, "val": val, "test": test})
+    write_json(out / split_file_name(domain), {"train": train, "val": val, "test": test})
     return out, base
 
 
@@ -162,6 +162,15 @@ def _class_names(folders: Sequence[Path], classes: Sequence[str]) -> dict[str, s
     path = next((f / CLASSNAMES_FILE for f in folders if (f / CLASSNAMES_FILE).is_file()), None)
     if path is None:
         return {name: name.replace("_", " ") for name in classes}
+    names = read_classnames(path)
+    missing = [name for name in classes if name not in names]
+    if missing:
+        raise DataError(f"{path} names no class for folder {missing[0]!r}")
+    return {name: names[name] for name in classes}
+
+
+def read_classnames(path: Path) -> dict[str, str]:
+    """`<folder name> <class name>` per line (CoOp's classnames.txt), in the file's order."""
     names: dict[str, str] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -170,10 +179,7 @@ def _class_names(folders: Sequence[Path], classes: Sequence[str]) -> dict[str, s
         if not name.strip():
             raise DataError(f"{path} line {number}: expected '<folder name> <class name>'")
         names[key] = name.strip()
-    missing = [name for name in classes if name not in names]
-    if missing:
-        raise DataError(f"{path} names no class for folder {missing[0]!r}")
-    return {name: names[name] for name in classes}
+    return names
 
 
 def _rows(
@@ -216,7 +222,7 @@ def _complete(out: Path, domains: Sequence[str]) -> bool:
     return all((out / split_file_name(domain)).is_file() for domain in domains)
 
 
-def _write_json(path: Path, content: object) -> None:
+def write_json(path: Path, content: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write-then-rename: concurrent writers produce the same bytes, and none reads half a file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

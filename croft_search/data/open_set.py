@@ -96,9 +96,11 @@ def _filename_domain(spec: DatasetSpec, path: Path) -> str:
 
 
 def _from_split_file(spec: DatasetSpec, folder: Path, split: str) -> OpenSet:
-    split_path = folder / spec.split_file
+    split_dir, image_dir = folder, folder / spec.image_subdir
+    if spec.split_writer is not None:  # generated lists (Setup I's open-set classes)
+        split_dir, image_dir = spec.split_writer(spec, folder)
+    split_path = split_dir / spec.split_file
     rows = read_split_file(split_path, required=(split,))[split]
-    image_dir = folder / spec.image_subdir
     samples = tuple(
         Sample(
             path=image_dir / image_relpath(row.relpath, spec.image_subdir),
