@@ -9,6 +9,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from croft_search.contract import SEARCH_FILE
+from croft_search.search.folder import create_folder
+from croft_search.search.space import load_space
 from croft_search.tracking import TRIAL_TAG
 
 # The ray CLI of the interpreter running the tests (the venv may not be on PATH).
@@ -45,3 +47,25 @@ def live_child_runs(uri: str, folder: Path) -> dict[str, object]:
         assert trial_id not in found, f"two live child runs for trial {trial_id}"
         found[trial_id] = run
     return found
+
+
+RECORDED_SPACE = (
+    "method: croft\nfixed: {epochs: 2}\nsearch: {lambda1: {uniform: [0, 15]}}\nnum_samples: {n}\n"
+)
+
+
+def recorded_config(lambda1: float) -> dict:
+    """A sampled config of `RECORDED_SPACE`, as a recorder is told it."""
+    return {"method": "croft", "epochs": 2, "lambda1": lambda1, "seed": 0, "selection": "val"}
+
+
+def started_search(tmp_path: Path, samples: int) -> tuple[Path, object, str]:
+    """A started search folder of `RECORDED_SPACE` (search.json, space.yaml, MLflow parent
+    in a SQLite store under ``tmp_path``): (folder, space, tracking URI)."""
+    path = tmp_path / "space.yaml"
+    path.write_text(RECORDED_SPACE.replace("{n}", str(samples)))
+    space = load_space(str(path))
+    folder = tmp_path / "runs" / "s"
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    create_folder(folder, "s", space, uri, "val", {"space": space.name})
+    return folder, space, uri

@@ -12,34 +12,22 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 import optuna_dashboard
 import pytest
 from mlflow.tracking import MlflowClient
+from searches import recorded_config, started_search
 
 from croft_search.contract import OPTUNA_FILE
-from croft_search.search.folder import create_folder
 from croft_search.search.recorder import Recorder
-from croft_search.search.space import load_space
 from croft_search.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, SearchTracker
-
-SPACE = "method: croft\nfixed: {epochs: 2}\nsearch: {lambda1: {uniform: [0, 15]}}\nnum_samples: 2\n"
-
-
-def config(lambda1: float) -> dict:
-    return {"method": "croft", "epochs": 2, "lambda1": lambda1, "seed": 0, "selection": "val"}
 
 
 @pytest.fixture
 def search(tmp_path):
     """A search folder with two finished trials recorded (parquet, optuna.db, MLflow)."""
-    path = tmp_path / "space.yaml"
-    path.write_text(SPACE)
-    space = load_space(str(path))
-    folder = tmp_path / "runs" / "s"
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    create_folder(folder, "s", space, uri, "val", {"space": space.name})
+    folder, space, uri = started_search(tmp_path, samples=2)
     recorder = Recorder(folder, space, echo=False)
     for trial_id, lambda1, objective in (("t1", 1.0, 0.7), ("t2", 4.0, 0.8)):
-        recorder.trial_started(trial_id, config(lambda1))
+        recorder.trial_started(trial_id, recorded_config(lambda1))
         metrics = {"val_acc": objective, "val_auroc": objective, "objective": objective}
-        recorder.trial_finished(trial_id, config(lambda1), metrics, node="n/1")
+        recorder.trial_finished(trial_id, recorded_config(lambda1), metrics, node="n/1")
     recorder.close({"trials": 2})
     return folder, space, uri
 

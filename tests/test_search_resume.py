@@ -12,24 +12,15 @@ import optuna
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-from searches import live_child_runs
+from searches import live_child_runs, recorded_config, started_search
 
 from croft_search.contract import OPTUNA_FILE, SEARCH_FILE, TRIALS_FILE
 from croft_search.search import recorder as recorder_module
-from croft_search.search.folder import create_folder
 from croft_search.search.recorder import Recorder
 from croft_search.search.sampled_trial import run_sampled_trial
-from croft_search.search.space import load_space
 from croft_search.sync import main as sync_main
 from croft_search.sync import sync_folder
 from croft_search.tracking import SearchTracker
-
-SPACE = "method: croft\nfixed: {epochs: 2}\nsearch: {lambda1: {uniform: [0, 15]}}\nnum_samples: 3\n"
-
-
-def config(lambda1: float) -> dict:
-    return {"method": "croft", "epochs": 2, "lambda1": lambda1, "seed": 0, "selection": "val"}
-
 
 OK = {"val_acc": 0.8, "val_auroc": 0.6, "objective": 0.7, "test_acc": 0.6}
 
@@ -37,13 +28,7 @@ OK = {"val_acc": 0.8, "val_auroc": 0.6, "objective": 0.7, "test_acc": 0.6}
 @pytest.fixture
 def search(tmp_path):
     """A started search folder (search.json, space.yaml, MLflow parent) and its space."""
-    path = tmp_path / "space.yaml"
-    path.write_text(SPACE)
-    space = load_space(str(path))
-    folder = tmp_path / "runs" / "s"
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    create_folder(folder, "s", space, uri, "val", {"space": space.name})
-    return folder, space, uri
+    return started_search(tmp_path, samples=3)
 
 
 def study_trials(folder) -> list[optuna.trial.FrozenTrial]:
@@ -53,11 +38,12 @@ def study_trials(folder) -> list[optuna.trial.FrozenTrial]:
 
 def record_three(recorder: Recorder) -> None:
     for trial_id in ("t1", "t2", "t3"):
-        recorder.trial_started(trial_id, config(1.0))
-    recorder.trial_epoch("t1", config(1.0), {"epoch": 0, "objective": 0.5, "val_acc": 0.7})
-    recorder.trial_finished("t1", config(1.0), OK, node="n/1")
-    recorder.trial_failed("t2", config(2.0), "ValueError: NaN loss", node="n/1")
-    recorder.trial_stopped("t3", config(3.0), {"val_acc": 0.3, "objective": 0.2}, node="n/2")
+        recorder.trial_started(trial_id, recorded_config(1.0))
+    recorder.trial_epoch("t1", recorded_config(1.0), {"epoch": 0, "objective": 0.5, "val_acc": 0.7})
+    recorder.trial_finished("t1", recorded_config(1.0), OK, node="n/1")
+    recorder.trial_failed("t2", recorded_config(2.0), "ValueError: NaN loss", node="n/1")
+    stopped = {"val_acc": 0.3, "objective": 0.2}
+    recorder.trial_stopped("t3", recorded_config(3.0), stopped, node="n/2")
 
 
 def test_every_trial_is_recorded_once_in_parquet_study_and_mlflow(search):
@@ -65,9 +51,9 @@ def test_every_trial_is_recorded_once_in_parquet_study_and_mlflow(search):
     recorder = Recorder(folder, space, echo=False)
     record_three(recorder)
     # Replays after a resume, by this recorder and by a fresh one on the same folder.
-    assert recorder.trial_finished("t1", config(1.0), OK) is False
+    assert recorder.trial_finished("t1", recorded_config(1.0), OK) is False
     again = Recorder(folder, space, echo=False)
-    assert again.trial_failed("t2", config(2.0), "other error") is False
+    assert again.trial_failed("t2", recorded_config(2.0), "other error") is False
     again.close({"trials": 3})
 
     frame = pd.read_parquet(folder / TRIALS_FILE).set_index("trial_id")
@@ -90,9 +76,9 @@ def test_the_search_is_complete_at_its_sample_count_and_takes_no_surplus(search)
     recorder = Recorder(folder, space, echo=False)
     record_three(recorder)
     assert recorder.is_complete() and Recorder.recorded_count(folder) == 3
-    assert recorder.trial_finished("t4", config(4.0), OK) is False
-    recorder.trial_started("t5", config(5.0))
-    recorder.trial_epoch("t5", config(5.0), {"epoch": 0, "objective": 0.1})
+    assert recorder.trial_finished("t4", recorded_config(4.0), OK) is False
+    recorder.trial_started("t5", recorded_config(5.0))
+    recorder.trial_epoch("t5", recorded_config(5.0), {"epoch": 0, "objective": 0.1})
     recorder.close({"trials": 3})
     assert len(pd.read_parquet(folder / TRIALS_FILE)) == 3
     assert set(live_child_runs(uri, folder)) == {"t1", "t2", "t3"}  # t5's attempt discarded
@@ -101,11 +87,11 @@ def test_the_search_is_complete_at_its_sample_count_and_takes_no_surplus(search)
 def test_a_restarted_trial_keeps_only_its_last_attempt(search):
     folder, space, uri = search
     recorder = Recorder(folder, space, echo=False)
-    recorder.trial_started("t1", config(1.0))
-    recorder.trial_epoch("t1", config(1.0), {"epoch": 0, "objective": 0.9})
+    recorder.trial_started("t1", recorded_config(1.0))
+    recorder.trial_epoch("t1", recorded_config(1.0), {"epoch": 0, "objective": 0.9})
     recorder.trial_restarted("t1")  # its node died
-    recorder.trial_epoch("t1", config(1.0), {"epoch": 0, "objective": 0.4})
-    recorder.trial_finished("t1", config(1.0), OK, attempts=2)
+    recorder.trial_epoch("t1", recorded_config(1.0), {"epoch": 0, "objective": 0.4})
+    recorder.trial_finished("t1", recorded_config(1.0), OK, attempts=2)
     runs = live_child_runs(uri, folder)
     history = MlflowClient(uri).get_metric_history(runs["t1"].info.run_id, "epoch_objective")
     assert [m.value for m in history] == [pytest.approx(0.4)]
@@ -119,12 +105,12 @@ def test_recorded_trials_replay_instead_of_training(search):
     rows = Recorder.recorded_rows(folder)
     reports: list[dict] = []
     # resources=None: a trial that tried to train instead of replaying would fail on it.
-    ok = run_sampled_trial(config(1.0), None, "cpu", reports.append, rows["t1"])
+    ok = run_sampled_trial(recorded_config(1.0), None, "cpu", reports.append, rows["t1"])
     assert ok["final"] == 1 and ok["status"] == "ok" and ok["node"] == "n/1"
     assert ok["objective"] == pytest.approx(0.7) and ok["test_acc"] == pytest.approx(0.6)
-    failed = run_sampled_trial(config(2.0), None, "cpu", reports.append, rows["t2"])
+    failed = run_sampled_trial(recorded_config(2.0), None, "cpu", reports.append, rows["t2"])
     assert failed["status"] == "failed" and failed["error"] == "ValueError: NaN loss"
-    stopped = run_sampled_trial(config(3.0), None, "cpu", reports.append, rows["t3"])
+    stopped = run_sampled_trial(recorded_config(3.0), None, "cpu", reports.append, rows["t3"])
     assert stopped["status"] == "stopped" and "test_acc" not in stopped
     assert reports == []
 
@@ -211,10 +197,10 @@ def test_a_row_written_before_its_run_is_completed_on_the_next_open(search):
     recorder ends the run from the row, and adds the row's study entry if it was missing."""
     folder, space, uri = search
     recorder = Recorder(folder, space, echo=False)
-    recorder.trial_started("t1", config(1.0))
-    recorder.trial_epoch("t1", config(1.0), {"epoch": 0, "objective": 0.5})
-    recorder.mlflow.call(lambda tracker: tracker.child("t1", config(1.0)))  # the run, open
-    recorder.table.add("t1", config(1.0), OK, "ok")  # the row, as the kill left it
+    recorder.trial_started("t1", recorded_config(1.0))
+    recorder.trial_epoch("t1", recorded_config(1.0), {"epoch": 0, "objective": 0.5})
+    recorder.mlflow.call(lambda tracker: tracker.child("t1", recorded_config(1.0)))  # the run, open
+    recorder.table.add("t1", recorded_config(1.0), OK, "ok")  # the row, as the kill left it
     Recorder(folder, space, echo=False).close({"trials": 1})
     runs = live_child_runs(uri, folder)
     assert runs["t1"].info.status == "FINISHED"
@@ -241,9 +227,9 @@ def test_trials_that_finish_together_cost_one_write(search):
     recorder = Recorder(folder, space, echo=False)
     with recorder.together():
         for index in range(3):
-            assert recorder.trial_finished(f"p_{index}", config(float(index)), OK)
+            assert recorder.trial_finished(f"p_{index}", recorded_config(float(index)), OK)
             assert Recorder.recorded_count(folder) == 0  # not yet written
-        assert recorder.trial_finished("p_0", config(0.0), OK) is False  # still once
+        assert recorder.trial_finished("p_0", recorded_config(0.0), OK) is False  # still once
     assert Recorder.recorded_count(folder) == 3
     assert set(live_child_runs(uri, folder)) == {"p_0", "p_1", "p_2"}
     rows = pd.read_parquet(folder / TRIALS_FILE)
