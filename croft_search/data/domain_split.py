@@ -7,7 +7,7 @@ from pathlib import Path
 
 from croft_search.data.base import DomainSplit, Sample
 from croft_search.data.generated_splits import (
-    domainbed_splits,
+    generated_location,
     has_domain_folders,
     split_file_name,
 )
@@ -71,9 +71,7 @@ def split_location(spec: DatasetSpec, folder: Path) -> tuple[Path, Path]:
         spec.split_writer or has_domain_folders(spec, folder)
     ):
         return folder, folder / spec.image_subdir
-    if spec.split_writer is not None:
-        return spec.split_writer(spec, folder)
-    return domainbed_splits(spec, folder)
+    return generated_location(spec, folder)
 
 
 def _sample(row: SplitRow, image_dir: Path, spec: DatasetSpec, where: str) -> Sample:

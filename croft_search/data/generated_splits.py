@@ -10,6 +10,7 @@ the dataset give a new split instead of a stale one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -33,6 +34,20 @@ def split_file_name(domain: str) -> str:
     """VLCS's folders are upper-case (CALTECH) but its split files are not
     (test_on_caltech.json); PACS's domains are lower-case already."""
     return f"test_on_{domain.lower()}.json"
+
+
+def generated_location(spec: DatasetSpec, folder: Path) -> tuple[Path, Path]:
+    """(split folder, image folder) of a dataset whose split files are generated: its own
+    writer's, else DomainBed's. Once per process and cache root, since a writer lists the
+    whole dataset to know whether its files are current, and every split of every target
+    asks."""
+    return _located(spec, Path(folder), cache_root())
+
+
+@functools.cache
+def _located(spec: DatasetSpec, folder: Path, root: Path) -> tuple[Path, Path]:
+    del root  # part of the key only: generated files live under it
+    return (spec.split_writer or domainbed_splits)(spec, folder)
 
 
 def generated_root(spec: DatasetSpec) -> Path:

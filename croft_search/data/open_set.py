@@ -7,6 +7,7 @@ from pathlib import Path
 
 from croft_search.data.base import OpenSet, Sample
 from croft_search.data.domain_split import load_domain_split
+from croft_search.data.generated_splits import generated_location
 from croft_search.data.images import is_image_file
 from croft_search.data.locate import dataset_dir
 from croft_search.data.registry import DatasetSpec, get_dataset_spec, require_kind
@@ -98,7 +99,7 @@ def _filename_domain(spec: DatasetSpec, path: Path) -> str:
 def _from_split_file(spec: DatasetSpec, folder: Path, split: str) -> OpenSet:
     split_dir, image_dir = folder, folder / spec.image_subdir
     if spec.split_writer is not None:  # generated lists (Setup I's open-set classes)
-        split_dir, image_dir = spec.split_writer(spec, folder)
+        split_dir, image_dir = generated_location(spec, folder)
     split_path = split_dir / spec.split_file
     rows = read_split_file(split_path, required=(split,))[split]
     samples = tuple(

@@ -179,11 +179,11 @@ def get_registered(name: str) -> DatasetSpec | None:
 def get_dataset_spec(name: str, root: Path | None = None) -> DatasetSpec:
     """The spec registered under `name` (case-insensitive); a YAML file's path (or a name
     with `<data root>/<name>.yaml`) loads a user's dataset (`croft_search.data.user_dataset`)."""
-    from croft_search.data import user_dataset  # it registers through this module
-
     spec = _REGISTRY.get(name.lower())
     if spec is not None:
         return spec
+    from croft_search.data import user_dataset  # it registers through this module
+
     if user_dataset.is_dataset_file(name):
         path = str(Path(name).expanduser().absolute())
         if path not in _FILES:  # read once per process: trials look their dataset up often
