@@ -16,6 +16,7 @@ from croft_search.errors import ConfigError
 from croft_search.trial.loop import TrainingDiverged, train_epochs
 from croft_search.trial.population import (
     Halving,
+    population_epochs,
     population_refusal,
     run_population,
     train_population,
@@ -217,6 +218,29 @@ def test_successive_halving_stops_members_at_the_rungs_with_what_they_reached(re
     survivors = [m for m, r in zip(members, results, strict=True) if r["epochs_run"] > 1]
     at_one = [run_trial(m, resources, report=lambda row: True)["objective"] for m in survivors]
     assert max(r["objective"] for r in first_rung) <= min(at_one) + 1e-12
+
+
+def test_a_stopped_member_leaves_the_program_with_the_weights_it_had(resources):
+    """Halving takes a member out between epochs: it gets no more log rows, its module
+    keeps the weights of the epoch it stopped after, and the others go on as alone."""
+    members = [built(c, resources) for c in configs("croft")]
+    active = torch.ones(len(members), dtype=torch.bool)
+    epochs = population_epochs([m for m, _, _ in members], [d for _, d, _ in members],
+                               [h for _, _, h in members], active)  # fmt: skip
+    logs = [next(epochs)]
+    active[1] = False
+    logs += list(epochs)
+    assert [row is None for row in logs[1]] == [False, True, False]
+    stopped, data, hp = built(configs("croft")[1], resources)
+    list(train_epochs(stopped, data, {**hp, "epochs": 1}))
+    for name, value in stopped.state_dict().items():
+        torch.testing.assert_close(members[1][0].state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    for k in (0, 2):
+        alone, data, hp = built(configs("croft")[k], resources)
+        expected = list(train_epochs(alone, data, hp))
+        assert len(expected) == len(logs) > 2
+        for got, want in zip((epoch[k] for epoch in logs), expected, strict=True):
+            assert relative(got["ce"], want["ce"]) < 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -217,7 +217,8 @@ def train_population(
     active = torch.ones(len(methods), dtype=torch.bool)
     for rows in population_epochs(methods, datas, hps, active):
         for log, row in zip(history, rows, strict=True):
-            log.append(row)
+            if row is not None:
+                log.append(row)
     return history
 
 
@@ -226,12 +227,13 @@ def population_epochs(
     datas: Sequence[TrainData],
     hps: Sequence[dict[str, Any]],
     active: torch.Tensor,
-) -> Iterator[list[dict[str, float]]]:
+) -> Iterator[list[dict[str, float] | None]]:
     """Train ``methods`` (one method class, one shape) in place as one program, each on its
     own data with its own hyper-parameters, yielding every member's log row after each
     epoch (as `train_epochs` yields it), with the members' modules holding their weights
-    of that moment. A member whose ``active`` entry the caller sets False stops moving
-    (its learning rate is 0 from then on)."""
+    of that moment. A member whose ``active`` entry the caller sets False between epochs
+    leaves the program: its module keeps the weights it had then, its rows are None from
+    then on, and later epochs cost only the members still training."""
     for method, hp in zip(methods, hps, strict=True):
         torch.manual_seed(hp["seed"])  # as train_epochs: setup may draw random numbers
         method.setup()
@@ -252,17 +254,29 @@ def population_epochs(
     step = vmap(_member_loss(methods[0]), randomness="error")
     values = _stacked_values(methods, hps, next(iter(trained.values())))
     generators = [torch.Generator().manual_seed(hp["seed"]) for hp in hps]
+    members = list(range(len(methods)))  # whom the stacks' rows hold, in order
     n, n_views = datas[0].views.shape[:2]
     for epoch in range(hp0["epochs"]):
-        rates = [learning_rate(epoch, hp) for hp in hps]
-        stepper.set_lr([rate * bool(alive) for rate, alive in zip(rates, active, strict=True)])
-        for method in methods:
-            method.train()
+        if not all(bool(active[k]) for k in members):
+            # Halving stopped some: the stacks keep the others' rows only.
+            kept = [row for row, k in enumerate(members) if active[k]]
+            members = [members[row] for row in kept]
+            if not members:
+                return
+            index = torch.tensor(kept, device=device)
+            trained = stepper.select(index)
+            frozen, buffers, values = ({name: value[index] for name, value in stack.items()}
+                                       for stack in (frozen, buffers, values))  # fmt: skip
+        rates = [learning_rate(epoch, hps[k]) for k in members]
+        stepper.set_lr(rates)
+        for k in members:
+            methods[k].train()
         totals: dict[str, torch.Tensor] = {}
         steps = 0
-        streams = [epoch_batches(g, n, n_views, epoch, hp0) for g in generators]
+        streams = [epoch_batches(generators[k], n, n_views, epoch, hp0) for k in members]
         for batches in zip(*streams, strict=True):
-            drawn = list(zip(methods, datas, batches, strict=True))
+            drawn = [(methods[k], datas[k], batch)
+                     for k, batch in zip(members, batches, strict=True)]  # fmt: skip
             features = torch.stack([d.views[i, v] for _, d, (i, v) in drawn])
             labels = torch.stack([m.targets(d.labels[i], i) for m, d, (i, _) in drawn])
             domains = torch.stack([d.domains[i] for _, d, (i, _) in drawn])
@@ -276,38 +290,29 @@ def population_epochs(
             if not bool(finite.all()):
                 bad = int(torch.nonzero(~finite)[0])
                 raise TrainingDiverged(
-                    f"member {bad}: loss became {float(losses[bad])} in epoch {epoch}"
+                    f"member {members[bad]}: loss became {float(losses[bad])} in epoch {epoch}"
                 )
             by_autograd = [name for name in trained if name not in grads]
             if by_autograd:
                 found = torch.autograd.grad(losses.sum(), [trained[n] for n in by_autograd])
                 grads = {**grads, **dict(zip(by_autograd, found, strict=True))}
             stepper.step(grads)
-            everyone = bool(active.all())
-            # The caller sets ``active`` on the CPU; the step's state may live on a GPU.
-            alive = active.to(device) if updates and not everyone else active
             for name, value in updates.items():
-                # State the step moves outside the optimiser (CRoFT's generator); a stopped
-                # member's stays as it was.
-                target = frozen if name in frozen else buffers
-                if everyone:
-                    target[name] = value.detach()
-                    continue
-                keep = alive.view((-1,) + (1,) * (value.dim() - 1))
-                target[name] = torch.where(keep, value.detach(), target[name])
+                # State the step moves outside the optimiser (CRoFT's generator).
+                (frozen if name in frozen else buffers)[name] = value.detach()
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().double()
             steps += 1
-        _write_back(methods, {**trained, **frozen, **buffers})
-        yield [
-            {"epoch": epoch, "lr": rates[k],
-             **{key: float(value[k]) / steps for key, value in totals.items()}}
-            for k in range(len(methods))
-        ]  # fmt: skip
+        _write_back([methods[k] for k in members], {**trained, **frozen, **buffers})
+        logs: list[dict[str, float] | None] = [None] * len(methods)
+        for row, k in enumerate(members):
+            means = {key: float(value[row]) / steps for key, value in totals.items()}
+            logs[k] = {"epoch": epoch, "lr": rates[row], **means}
+        yield logs
 
 
 def _write_back(methods: Sequence[Method], state: Mapping[str, torch.Tensor]) -> None:
-    """Each member's slice of the stacked state into its module, set to evaluation."""
+    """Row k of the stacked state into ``methods[k]``, set to evaluation."""
     with torch.no_grad():
         for k, method in enumerate(methods):
             own = dict(method.named_parameters()) | dict(method.named_buffers())
@@ -374,6 +379,18 @@ class _StackedOptimizer:
 
     def set_lr(self, rates: Sequence[float]) -> None:
         self.lr = self.lr.new_tensor(rates)
+
+    def select(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Keep the members at ``index`` (a tensor of rows): their parameters, per-member
+        settings and optimiser state. Returns the new stacked parameters."""
+        self.params = {name: param.detach()[index].requires_grad_(param.requires_grad)
+                       for name, param in self.params.items()}  # fmt: skip
+        self.momentum, self.weight_decay, self.lr = (
+            values[index] for values in (self.momentum, self.weight_decay, self.lr)
+        )
+        self.state = {name: [buffer[index] for buffer in buffers]
+                      for name, buffers in self.state.items()}  # fmt: skip
+        return self.params
 
     def step(self, grads: Mapping[str, torch.Tensor]) -> None:
         self.steps += 1
