@@ -211,7 +211,6 @@ class CRoFT(Method):
         self._adapter("image_adapter", eye, trains=self.trained_adapters[0])
         self._adapter("text_adapter", eye, trains=self.trained_adapters[1])
         self.generator = nn.Parameter(eye.clone()) if self.use_generator else None
-        self.register_buffer("identity", eye, persistent=False)
 
         self.prompt_learner: PromptLearner | None = None
         if hp["n_ctx"] > 0:
@@ -251,12 +250,12 @@ class CRoFT(Method):
     def _image_unit(self, features: torch.Tensor, ratio: Any = None) -> Unit:
         if ratio is None:
             ratio = self._ratio(self.ratio_image, "test_ratio_image")
-        return unit(adapt(features, self.image_adapter, ratio, self.identity))
+        return unit(adapt(features, self.image_adapter, ratio))
 
     def _text_unit(self, raw_text: torch.Tensor, ratio: Any = None) -> Unit:
         if ratio is None:
             ratio = self._ratio(self.ratio_text, "test_ratio_text")
-        return unit(adapt(raw_text, self.text_adapter, ratio, self.identity))
+        return unit(adapt(raw_text, self.text_adapter, ratio))
 
     def _ratio(self, trained: float, test_key: str) -> float:
         if self.training or self.hp[test_key] < 0:
