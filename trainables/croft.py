@@ -170,6 +170,12 @@ class CRoFT(Method):
         return {key: float(hp[key]) for key in keys}
 
     @classmethod
+    def population_broadcasts(cls, hp: dict[str, Any]) -> bool:
+        # The objective is written for leading member dimensions; a prompt learner's text
+        # encoder is not, so learned prompts run under vmap.
+        return hp["n_ctx"] == 0
+
+    @classmethod
     def structure(cls, hp: dict[str, Any]) -> tuple:
         # Which terms and parameters exist: a zero weight or ratio removes one.
         return tuple(hp[key] > 0 for key in ("lambda1", "lambda2", "ratio_image", "ratio_text"))
@@ -313,7 +319,7 @@ class CRoFT(Method):
         adapter outputs, which its steps do not change. Worst case: the adapters play
         against a fixed G; joint: G trains with them."""
         with torch.no_grad():
-            batch = Batch.of(passed.image.value, labels, passed.raw_text.shape[0])
+            batch = Batch.of(passed.image.value, labels, passed.raw_text.shape[-2])
             settings = self.objective_settings(numbers)
             generator = self.generator if self.use_generator else None
             if self.worst_case:

@@ -12,9 +12,13 @@ forward builds dE/dtheta by the chain rule and its backward differentiates that 
 again, which is what the paper's double backward computes. tests/test_croft.py holds
 value and gradient of every term to a pure-autograd build in every branch.
 
-A population (`croft_search.trial.population`) runs the same forward and backward as
-plain functions under vmap (`objective_gradients`), each member's weights and ratios
-0-dim tensors (`mm_add` is addmm where they are numbers). Plain autograd under vmap, the
+Every function here also takes a leading member dimension: a population
+(`croft_search.trial.population`) hands `objective_gradients` its stacked [P, ...]
+weights and features, each member's weights and ratios [P, 1, 1] tensors, and gets [P]
+outputs (with learned prompts it maps one member's call over the members with vmap,
+those numbers 0-dim). A member's totals stay [..., 1, 1] (`total`), so they broadcast
+against the stacks; `mm_add` is addmm (baddbmm) where the weights are numbers. Plain
+autograd under vmap, the
 EDR by double backward, was measured first and cost more per member at K = 16 and 64 than
 one trial through this objective: vmap shares autograd's per-node cost among members,
 not the d x d products of its double backward that the Gram form here avoids.
@@ -47,7 +51,7 @@ def adapt(raw: torch.Tensor, weight: torch.Tensor, ratio: Number) -> torch.Tenso
     untrained method reproduces zero-shot CLIP exactly rather than to rounding; and the
     difference is taken on the [N, d] product, not as ``weight - I`` on the d x d matrix,
     which on a population's [K, d, d] stacks costs about what the product does."""
-    moved = raw @ weight.T - raw
+    moved = raw @ weight.mT - raw
     if isinstance(ratio, torch.Tensor):
         return raw + moved * ratio
     return torch.add(raw, moved, alpha=ratio)
@@ -57,12 +61,36 @@ def mm_add(
     base: torch.Tensor, left: torch.Tensor, right: torch.Tensor, alpha: Number = 1.0,
     beta: Number = 1.0,
 ) -> torch.Tensor:  # fmt: skip
-    """``beta * base + alpha * left @ right``: one fused `torch.addmm` where both weights
-    are Python numbers; a population member's own values (0-dim tensors under vmap, which
-    addmm cannot take as weights) take the unfused form, equal to rounding."""
+    """``beta * base + alpha * left @ right``: one fused `torch.addmm` (`torch.baddbmm` on
+    a population's stacks) where both weights are Python numbers; a population member's
+    own values (tensors, which neither takes as weights) take the unfused form, equal to
+    rounding."""
     if isinstance(alpha, torch.Tensor) or isinstance(beta, torch.Tensor):
         return base * beta + (left @ right) * alpha
-    return torch.addmm(base, left, right, alpha=alpha, beta=beta)
+    fused = torch.addmm if base.dim() == 2 else torch.baddbmm
+    return fused(base, left, right, alpha=alpha, beta=beta)
+
+
+def total(values: torch.Tensor) -> torch.Tensor:
+    """The sum over a member's matrix, kept as a [..., 1, 1] tensor: a population's
+    per-member totals then broadcast against its [P, N, d] stacks."""
+    return values.sum((-2, -1), keepdim=True)
+
+
+def inner(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``<left, right>`` of each member's matrices, as `total` keeps it."""
+    return total(left * right)
+
+
+def scalar(value: torch.Tensor) -> torch.Tensor:
+    """A [..., 1, 1] total as the member's number: 0-dim alone, [P] for a population."""
+    return value.squeeze(-1).squeeze(-1)
+
+
+def nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of ``labels`` [..., B] under ``log_probs`` [..., B, C],
+    as `total` keeps it."""
+    return -total(log_probs.gather(-1, labels.unsqueeze(-1))) / labels.shape[-1]
 
 
 @dataclass(frozen=True)
@@ -92,7 +120,7 @@ def unit(raw: torch.Tensor) -> Unit:
 
 def shift(image: torch.Tensor, generator: torch.Tensor) -> Unit:
     """The generator's covariate-shifted feature ``n(x @ G + x)`` of normalised ``x``."""
-    return unit(torch.addmm(image, image, generator))
+    return unit(mm_add(image, image, generator))
 
 
 @dataclass(frozen=True)
@@ -101,18 +129,18 @@ class SameClass:
     count, shared by the shift term and the generator's steps."""
 
     mask: torch.Tensor  # [B, B], 1.0 where the labels agree
-    pairs: torch.Tensor  # number of such pairs, a 0-dim tensor
+    pairs: torch.Tensor  # number of such pairs, [..., 1, 1] (`total`)
 
     @classmethod
     def of(cls, labels: torch.Tensor, dtype: torch.dtype) -> SameClass:
-        mask = (labels[:, None] == labels[None, :]).to(dtype)
-        return cls(mask, mask.sum())
+        mask = (labels.unsqueeze(-1) == labels.unsqueeze(-2)).to(dtype)
+        return cls(mask, total(mask))
 
     @classmethod
     def of_onehot(cls, onehot: torch.Tensor) -> SameClass:
         """From the one-hot labels [B, K]: the mask is onehot onehot^T (exact, 0 and 1)."""
-        mask = onehot @ onehot.T
-        return cls(mask, mask.sum())
+        mask = onehot @ onehot.mT
+        return cls(mask, total(mask))
 
 
 def same_class_similarity(
@@ -124,7 +152,7 @@ def same_class_similarity(
     """``Lc``: mean of ``xc_i . x_j`` over the pairs (i, j) with ``y_i == y_j`` (i = j
     included, so a batch always has pairs)."""
     same = same or SameClass.of(labels, shifted.dtype)
-    return (shifted @ image.T * same.mask).sum() / same.pairs
+    return scalar(total(shifted @ image.mT * same.mask) / same.pairs)
 
 
 def generator_gradient(
@@ -140,8 +168,8 @@ def generator_gradient(
     xc = n(x @ G + x) and x, t fixed: dCE/dxc = s * (softmax - onehot) @ t / B and
     dLc/dxc = (same-class mask) @ x / (number of same-class pairs), pulled back through the
     normalisation, then dG = x^T dL/d(x @ G + x)."""
-    batch = Batch.of(image, labels, text.shape[0], same)
-    return _generator_gradient(image, text, generator, batch, logit_scale, lambda1)
+    batch = Batch.of(image, labels, text.shape[-2], same)
+    return image.mT @ _generator_pull(image, text, generator, batch, logit_scale, lambda1)
 
 
 @dataclass(frozen=True)
@@ -167,7 +195,7 @@ class Batch:
         return cls(labels, onehot, same, same_mean, same_mean @ image)
 
 
-def _generator_gradient(
+def _generator_pull(
     image: torch.Tensor,
     text: torch.Tensor,
     generator: torch.Tensor,
@@ -175,11 +203,13 @@ def _generator_gradient(
     logit_scale: float,
     lambda1: Number,
 ) -> torch.Tensor:
+    """The generator loss's gradient with respect to m = x G + x, whose product with x^T
+    is its gradient with respect to G."""
     moved = shift(image, generator)
-    residual = torch.softmax(logit_scale * moved.value @ text.T, dim=-1) - batch.onehot
-    scale = logit_scale / batch.labels.shape[0]
+    residual = torch.softmax(logit_scale * moved.value @ text.mT, dim=-1) - batch.onehot
+    scale = logit_scale / batch.labels.shape[-1]
     grad_moved = mm_add(batch.toward_class, residual, text, alpha=scale, beta=lambda1)
-    return image.T @ moved.backward(grad_moved)
+    return moved.backward(grad_moved)
 
 
 def generator_steps(
@@ -196,10 +226,12 @@ def generator_steps(
     tensor: ``generator`` is left as it is, so a population member's G can step under
     vmap."""
     for _ in range(steps):
-        grad = _generator_gradient(
+        pull = _generator_pull(
             image, text, generator, batch, settings.logit_scale, settings.lambda1
         )
-        generator = generator - grad * lr
+        # G - lr x^T pull as one fused product: the rate scales the [B, d] factor, so the
+        # d x d matrix is written once, not three times.
+        generator = mm_add(generator, image.mT, pull * lr, alpha=-1.0)
     return generator
 
 
@@ -326,26 +358,26 @@ def _forward(
     generator: torch.Tensor | None, passed: AdapterPass, batch: Batch, settings: ObjectiveSettings
 ) -> tuple[tuple[torch.Tensor, ...], _Saved]:
     image, text = passed.image, passed.text
-    rows = batch.labels.shape[0]
+    rows = batch.labels.shape[-1]
     moved = None
     points = image.value
     if generator is not None:
         moved = shift(image.value, generator)
-        points = torch.cat([image.value, moved.value])
-    similarity = points @ text.value.T
+        points = torch.cat([image.value, moved.value], dim=-2)
+    similarity = points @ text.value.mT
     log_probs = torch.log_softmax(settings.logit_scale * similarity, dim=-1)
-    ce = F.nll_loss(log_probs[:rows], batch.labels)
+    ce = nll(log_probs[..., :rows, :], batch.labels)
     loss, shift_term, edr_term, edr_state = ce, None, None, None
     if moved is not None:
-        pulled = torch.dot(moved.value.view(-1), batch.toward_class.view(-1))
+        pulled = inner(moved.value, batch.toward_class)
         shift_term = (
-            F.nll_loss(log_probs[rows:], batch.labels)
+            nll(log_probs[..., rows:, :], batch.labels)
             + (settings.shift_sign * settings.lambda1) * pulled
         )
         loss = loss + shift_term
     if settings.edr is not None:
         on_shifted = moved if settings.edr_on_shifted else None
-        energy_rows = similarity if on_shifted is not None else similarity[:rows]
+        energy_rows = similarity if on_shifted is not None else similarity[..., :rows, :]
         energy_points = points if on_shifted is not None else image.value
         value, edr_state = _edr_forward(
             energy_rows, energy_points, passed, on_shifted, generator, settings.edr
@@ -354,10 +386,10 @@ def _forward(
         loss = loss + edr_term
     saved = _Saved(passed, batch, moved, points, log_probs, edr_state)
     if shift_term is None:
-        shift_term = ce.new_zeros(())
+        shift_term = torch.zeros_like(ce)
     if edr_term is None:
-        edr_term = ce.new_zeros(())
-    return (loss, ce, shift_term, edr_term), saved
+        edr_term = torch.zeros_like(ce)
+    return tuple(scalar(term) for term in (loss, ce, shift_term, edr_term)), saved
 
 
 def _backward(
@@ -386,22 +418,23 @@ def _backward(
         weight_ce, weight_shift, weight_edr = (
             None if w is None else 1.0 for w in (weight_ce, weight_shift, weight_edr)
         )
-    rows = batch.labels.shape[0]
+    rows = batch.labels.shape[-1]
     scale = settings.logit_scale / rows
 
     # Both cross-entropies: s (softmax - onehot) / B per row, weighted per term.
-    residual = torch.exp(saved.log_probs).view(-1, rows, batch.onehot.shape[1])
-    residual = residual - batch.onehot
+    residual = torch.exp(saved.log_probs).unflatten(-2, (-1, rows))  # [..., e, B, classes]
+    residual = residual - batch.onehot.unsqueeze(-3)
     grad_similarity = None
     if uniform:
         if weight_ce is not None:
-            grad_similarity = residual.view(-1, residual.shape[2]) * (weight_ce * scale)
+            grad_similarity = residual.flatten(-3, -2) * (weight_ce * scale)
     elif weight_ce is not None or weight_shift is not None:
+        # Separate upstream gradients per term: one trial's autograd node (0-dim weights).
         like = weight_ce if weight_ce is not None else weight_shift
         per_term = torch.stack(
             [w if w is not None else torch.zeros_like(like) for w in (weight_ce, weight_shift)]
         )
-        grad_similarity = (residual * (per_term * scale)[:, None, None]).view(2 * rows, -1)
+        grad_similarity = (residual * (per_term * scale)[:, None, None]).flatten(-3, -2)
 
     grad_points = None
     grad_image = grad_image_norm = grad_text = grad_text_norm = grad_raw_text = None
@@ -431,19 +464,19 @@ def _backward(
     if grad_similarity is not None:
         from_similarity = grad_similarity @ text.value
         grad_points = _add_rows(grad_points, from_similarity)
-        used = saved.points[: grad_similarity.shape[0]]
-        grad_text = _add(grad_text, grad_similarity.T @ used)
+        used = saved.points[..., : grad_similarity.shape[-2], :]
+        grad_text = _add(grad_text, grad_similarity.mT @ used)
     if grad_points is not None:
-        grad_image = _add(grad_image, grad_points[:rows])
-        if grad_points.shape[0] > rows:
-            grad_moved = _add(grad_moved, grad_points[rows:])
+        grad_image = _add(grad_image, grad_points[..., :rows, :])
+        if grad_points.shape[-2] > rows:
+            grad_moved = _add(grad_moved, grad_points[..., rows:, :])
 
     # Through xc = n(m), m = x G + x.
     if moved is not None and grad_moved is not None:
         grad_raw_moved = moved.backward(grad_moved, grad_moved_norm)
-        grad_image = _add(grad_image, torch.addmm(grad_raw_moved, grad_raw_moved, generator.T))
+        grad_image = _add(grad_image, mm_add(grad_raw_moved, grad_raw_moved, generator.mT))
         if needs[2]:
-            grad_generator = _add(grad_generator, image.value.T @ grad_raw_moved)
+            grad_generator = _add(grad_generator, image.value.mT @ grad_raw_moved)
 
     # Through the normalisations and the adapters.
     ratio_image, ratio_text = settings.ratios
@@ -452,11 +485,11 @@ def _backward(
         grad_u = image.backward(grad_image, grad_image_norm)
         # The ratio scales the [B, d] factor, not the d x d product: a population's stacks
         # make every pass over d x d memory cost about a [B, d] x [d, d] product.
-        grad_image_adapter = (grad_u * ratio_image).T @ passed.features
+        grad_image_adapter = (grad_u * ratio_image).mT @ passed.features
     if grad_text is not None and (needs[1] or needs[3]):
         grad_v = text.backward(grad_text, grad_text_norm)
         if needs[1]:
-            grad_text_adapter = (grad_v * ratio_text).T @ passed.raw_text
+            grad_text_adapter = (grad_v * ratio_text).mT @ passed.raw_text
         if needs[3]:
             # dv (I + rt (Wt - I)) = (1 - rt) dv + rt dv Wt
             through = mm_add(grad_v, grad_v, text_adapter, alpha=ratio_text, beta=1.0 - ratio_text)
@@ -480,12 +513,12 @@ def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor
 
 def _add_rows(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
     """``total + value`` where one of them may cover only the other's first rows."""
-    if total is None or value is None or value.shape[0] == total.shape[0]:
+    if total is None or value is None or value.shape[-2] == total.shape[-2]:
         return _add(total, value)
-    if value.shape[0] > total.shape[0]:
+    if value.shape[-2] > total.shape[-2]:
         total, value = value, total
-    rows = value.shape[0]
-    return torch.cat([total[:rows] + value, total[rows:]])
+    rows = value.shape[-2]
+    return torch.cat([total[..., :rows, :] + value, total[..., rows:, :]], dim=-2)
 
 
 # -- EDR ------------------------------------------------------------------------------------
@@ -565,8 +598,8 @@ def _edr_forward(
     with the energies stacked ([B, e, d] and [K, e, d]) so each step runs once for both."""
     (ri, rt), (train_image, train_text) = spec.ratios, spec.trained
     image, text = passed.image, passed.text
-    batch, classes = image.value.shape[0], text.value.shape[0]
-    energies = points.shape[0] // batch
+    batch, classes = image.value.shape[-2], text.value.shape[-2]
+    energies = points.shape[-2] // batch
     weights = torch.exp(similarity)
     if spec.aggregate == "mean":
         weights = weights / (batch * classes)
@@ -574,28 +607,30 @@ def _edr_forward(
     image_side = text_side = None
     if train_image:
         toward_text = weights @ text.value  # dE/dz, every energy's rows
-        toward_x = [toward_text[:batch]]
+        toward_x = [toward_text[..., :batch, :]]
         moved_side = None
         if moved is not None:
-            at_moved = toward_text[batch:]
-            inner, inner_along = _project(at_moved, moved.value, moved.norm)  # dE/dm
-            toward_x.append(torch.addmm(inner, inner, generator.T))
-            moved_side = (at_moved, inner, inner_along)
-        at_x = torch.stack(toward_x, dim=1)  # [B, e, d]
-        grad_u, u_along = _project(at_x, image.value[:, None], image.norm[:, None])
-        gram_grad_u = (passed.features @ passed.features.T) @ grad_u.view(batch, -1)
-        parts.append(ri**2 * torch.dot(grad_u.view(-1), gram_grad_u.view(-1)))
+            at_moved = toward_text[..., batch:, :]
+            into, into_along = _project(at_moved, moved.value, moved.norm)  # dE/dm
+            toward_x.append(mm_add(into, into, generator.mT))
+            moved_side = (at_moved, into, into_along)
+        at_x = torch.stack(toward_x, dim=-2)  # [B, e, d]
+        grad_u, u_along = _project(at_x, image.value.unsqueeze(-2), image.norm.unsqueeze(-2))
+        flat_u = grad_u.flatten(-2)
+        gram_grad_u = (passed.features @ passed.features.mT) @ flat_u
+        parts.append(ri**2 * inner(flat_u, gram_grad_u))
         image_side = (at_x, grad_u, u_along, gram_grad_u, moved_side)
     if train_text:
         toward_image = torch.stack(
-            [weights[e * batch : (e + 1) * batch].T @ points[e * batch : (e + 1) * batch]
-             for e in range(energies)],
-            dim=1,
-        )  # fmt: skip
-        grad_v, v_along = _project(toward_image, text.value[:, None], text.norm[:, None])
+            [weights[..., e * batch : (e + 1) * batch, :].mT
+             @ points[..., e * batch : (e + 1) * batch, :] for e in range(energies)],
+            dim=-2,
+        )  # [K, e, d]  # fmt: skip
+        grad_v, v_along = _project(toward_image, text.value.unsqueeze(-2), text.norm.unsqueeze(-2))
         raw_text = passed.raw_text
-        gram_grad_v = (raw_text @ raw_text.T) @ grad_v.view(classes, -1)
-        parts.append(rt**2 * torch.dot(grad_v.view(-1), gram_grad_v.view(-1)))
+        flat_v = grad_v.flatten(-2)
+        gram_grad_v = (raw_text @ raw_text.mT) @ flat_v
+        parts.append(rt**2 * inner(flat_v, gram_grad_v))
         text_side = (toward_image, grad_v, v_along, gram_grad_v)
     scale = 1.0
     if spec.reduction == "mean":
@@ -615,48 +650,50 @@ def _edr_backward(
     chain run in reverse."""
     (ri, rt), energies = state.spec.ratios, state.energies
     image, text = state.passed.image, state.passed.text
-    batch, classes = image.value.shape[0], text.value.shape[0]
+    batch = image.value.shape[-2]
     weight = weight * state.scale  # a Python float in training
     out = _EDRGradients()
     grad_weights = None
     if state.image_side is not None:
         at_x, grad_u, u_along, gram_grad_u, moved_side = state.image_side
-        upstream = gram_grad_u.view_as(grad_u) * ((2 * ri**2) * weight)
+        # The member's weight scales the [B, e d] matrix, where a [P, 1, 1] one broadcasts.
+        upstream = (gram_grad_u * ((2 * ri**2) * weight)).view_as(grad_u)
         grad_at_x, grad_x, grad_xn = _project_back(
-            upstream, grad_u, at_x, image.value[:, None], image.norm[:, None], u_along
+            upstream, grad_u, at_x, image.value.unsqueeze(-2), image.norm.unsqueeze(-2), u_along
         )
-        out.image = grad_x.sum(1) if energies > 1 else grad_x[:, 0]
-        out.image_norm = grad_xn.sum(1) if energies > 1 else grad_xn[:, 0]
-        grad_toward_text = grad_at_x[:, 0]
+        out.image = grad_x.sum(-2) if energies > 1 else grad_x[..., 0, :]
+        out.image_norm = grad_xn.sum(-2) if energies > 1 else grad_xn[..., 0, :]
+        grad_toward_text = grad_at_x[..., 0, :]
         if moved_side is not None:
-            at_moved, inner, inner_along = moved_side
-            grad_shifted_x = grad_at_x[:, 1]
+            at_moved, into, into_along = moved_side
+            grad_shifted_x = grad_at_x[..., 1, :]
             if need_generator:
-                out.generator = grad_shifted_x.T @ inner
-            grad_inner = torch.addmm(grad_shifted_x, grad_shifted_x, state.generator)
+                out.generator = grad_shifted_x.mT @ into
+            grad_into = mm_add(grad_shifted_x, grad_shifted_x, state.generator)
             grad_at_moved, out.moved, out.moved_norm = _project_back(
-                grad_inner, inner, at_moved, state.moved.value, state.moved.norm, inner_along
+                grad_into, into, at_moved, state.moved.value, state.moved.norm, into_along
             )
-            grad_toward_text = torch.cat([grad_toward_text, grad_at_moved])
-        grad_weights = grad_toward_text @ text.value.T
-        out.text = state.weights.T @ grad_toward_text
+            grad_toward_text = torch.cat([grad_toward_text, grad_at_moved], dim=-2)
+        grad_weights = grad_toward_text @ text.value.mT
+        out.text = state.weights.mT @ grad_toward_text
     if state.text_side is not None:
         toward_image, grad_v, v_along, gram_grad_v = state.text_side
         coefficient = (2 * rt**2) * weight
-        upstream = gram_grad_v.view_as(grad_v) * coefficient
+        upstream = (gram_grad_v * coefficient).view_as(grad_v)
         if need_raw_text:
-            flat = grad_v.view(classes, -1)
-            out.raw_text = ((flat @ flat.T) @ state.passed.raw_text) * coefficient
+            flat = grad_v.flatten(-2)
+            out.raw_text = ((flat @ flat.mT) @ state.passed.raw_text) * coefficient
         grad_toward_image, grad_t, grad_tn = _project_back(
-            upstream, grad_v, toward_image, text.value[:, None], text.norm[:, None], v_along
-        )
-        out.text = _add(out.text, grad_t.sum(1))
-        out.text_norm = grad_tn.sum(1)
-        by_energy = grad_toward_image.transpose(0, 1)  # [e, K, d]
-        grad_points = torch.bmm(state.weights.view(energies, batch, classes), by_energy)
-        out.points = grad_points.view(energies * batch, -1)
-        points = state.points.view(energies, batch, -1)
-        from_text = torch.bmm(points, by_energy.transpose(1, 2))
-        grad_weights = _add(grad_weights, from_text.view(energies * batch, classes))
+            upstream, grad_v, toward_image, text.value.unsqueeze(-2), text.norm.unsqueeze(-2),
+            v_along,
+        )  # fmt: skip
+        out.text = _add(out.text, grad_t.sum(-2))
+        out.text_norm = grad_tn.sum(-2)
+        by_energy = grad_toward_image.transpose(-3, -2)  # [e, K, d]
+        grad_points = state.weights.unflatten(-2, (energies, batch)) @ by_energy
+        out.points = grad_points.flatten(-3, -2)
+        points = state.points.unflatten(-2, (energies, batch))
+        from_text = points @ by_energy.mT
+        grad_weights = _add(grad_weights, from_text.flatten(-3, -2))
     out.similarity = grad_weights * state.weights
     return out

@@ -3,8 +3,11 @@
 Every member is built exactly as `run_trial` builds its trial (its own few-shot subset,
 validation cut, initialisation and view draws, all from its own seed), then the members'
 parameters are stacked into [K, ...] tensors (`torch.func.stack_module_state`) and each
-training step is one call: the method's loss of every member by `torch.func.vmap` over
-`functional_call`, one backward for all of them (members share no parameter, so the
+training step is one call: the method's loss of every member by `functional_call` on
+the stacks themselves where the method computes every member at once
+(`Method.population_broadcasts`: CRoFT without learned prompts), else by
+`torch.func.vmap` over one member's call; one backward for all of them (members share
+no parameter, so the
 gradient of the summed loss is each member's own), and one SGD update of the stacked
 tensors with each member's learning rate, momentum and weight decay as a [K] tensor.
 After training the members' weights go back into their modules, which `run_trial`'s own
@@ -250,9 +253,13 @@ def population_epochs(
     device = next(iter(trained.values())).device
     stepper = _StackedOptimizer(trained, hps)
     # The first member's module runs every member's step: functional_call swaps the
-    # stacked tensors' slices in for its own.
-    step = vmap(_member_loss(methods[0]), randomness="error")
+    # stacked tensors (or, under vmap, their slices) in for its own.
+    step = _member_loss(methods[0])
     values = _stacked_values(methods, hps, next(iter(trained.values())))
+    if type(methods[0]).population_broadcasts(hp0):
+        values = {key: value.view(-1, 1, 1) for key, value in values.items()}
+    else:
+        step = vmap(step, randomness="error")
     generators = [torch.Generator().manual_seed(hp["seed"]) for hp in hps]
     members = list(range(len(methods)))  # whom the stacks' rows hold, in order
     n, n_views = datas[0].views.shape[:2]
