@@ -29,7 +29,7 @@ from croft_search.trial.runner import (
     run_trial,
     split_config,
 )
-from trainables.base import HParam, Method
+from trainables.base import HParam, MemberStep, Method
 from trainables.registry import register_method, resolve_hparams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -184,6 +184,45 @@ class Steep(Method):
 
     def logits(self, features, domains=None):
         return torch.exp(self.head(features))
+
+
+@register_method
+class StackedHead(Method):
+    """A linear head whose population step takes the members' stacks as they are."""
+
+    name = "_test_population_stacked"
+    hparams = {"epochs": HParam(3, low=0, high=100)}
+    seen: list[tuple[int, ...]] = []
+
+    @classmethod
+    def population_broadcasts(cls, hp):
+        return True
+
+    def __init__(self, context, hp):
+        super().__init__(context, hp)
+        self.weight = nn.Parameter(torch.zeros(len(context.classnames), context.embed_dim))
+
+    def logits(self, features, domains=None):
+        return features @ self.weight.mT
+
+    def population_loss(self, values, features, labels, domains):
+        StackedHead.seen.append((features.dim(), self.weight.dim()))
+        picked = torch.log_softmax(self.logits(features), -1).gather(-1, labels.unsqueeze(-1))
+        ce = -picked.squeeze(-1).mean(-1)
+        return MemberStep(ce, {"ce": ce})
+
+
+def test_a_method_that_broadcasts_gets_the_stacks_and_each_member_its_own_result(resources):
+    members = [{"method": StackedHead.name, "target_domain": TARGET, "views": 2, **member}
+               for member in MEMBERS]  # fmt: skip
+    StackedHead.seen.clear()
+    results = run_population(members, resources)
+    # [K, B, d] features and [K, classes, d] weights: no vmap between them.
+    assert set(StackedHead.seen) == {(3, 3)}
+    for config, result in zip(members, results, strict=True):
+        alone = run_trial(config, resources)
+        for key in METRICS:
+            assert result[key] == pytest.approx(alone[key], abs=1e-4), key
 
 
 def test_a_diverging_member_is_named(resources):
