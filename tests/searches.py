@@ -17,7 +17,7 @@ from croft_search.tracking import TRIAL_TAG
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def write_space(folder: Path, name: str, weights: Path, body: str) -> Path:
+def write_space(folder: Path, name: str, weights: Path | str, body: str) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(
         f"description: test space\ndataset: digits\nbackbone: tiny-digits\n"

@@ -261,15 +261,15 @@ def test_resume_after_sigkill_neither_loses_nor_duplicates(tmp_path, weights, di
     assert len(trial_tags) == len(set(trial_tags)) == 6
 
 
-def test_a_population_search_records_every_member_as_run_trial_scores_it(
-    tmp_path, weights, digits_root
-):
+def test_a_population_search_records_every_member_as_run_trial_scores_it(tmp_path, digits_root):
     body = CROFT_BODY.replace("num_samples: 3", "num_samples: 5").replace(
         "lambda2: {loguniform: [0.1, 10]}",
         "lambda2: {loguniform: [0.1, 10]}\n  lambda1: {uniform: [1, 10]}\n"
         "  lr: {loguniform: [0.0005, 0.005]}",
     )
-    space = load_space(str(write_space(tmp_path, "croft_pop", weights, body)))
+    # The shipped model: a random-init one scores ID and OOD images alike, so AUROC turns
+    # on near-ties that float rounding reorders, and equality to 1e-4 would test the noise.
+    space = load_space(str(write_space(tmp_path, "croft_pop", "default", body)))
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     options = SearchOptions(
         storage=tmp_path / "runs", name="p", tracking_uri=uri, data_root=str(digits_root),
