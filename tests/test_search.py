@@ -261,6 +261,36 @@ def test_resume_after_sigkill_neither_loses_nor_duplicates(tmp_path, weights, di
     assert len(trial_tags) == len(set(trial_tags)) == 6
 
 
+def test_a_space_mixing_batchable_and_unbatchable_variants_trains_every_one(tmp_path, digits_root):
+    """CRoFT's reference implementation does not batch; in a population search of a space
+    whose other variant does, each of its configs trains alone, as run_trial would."""
+    body = """method: croft
+fixed: {epochs: 2, shots: 2, views: 2}
+variants:
+  full: {}
+  reference: {implementation: reference}
+objective: {joint: 0.5}
+sampler: grid
+scheduler: none
+seeds: [0, 1]
+"""
+    space = load_space(str(write_space(tmp_path, "croft_mixed", "default", body)))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    outcome = search_here(space, tmp_path, digits_root, "mixed", uri, population=2)
+    frame = pd.read_parquet(outcome.folder / "trials.parquet")
+    assert len(frame) == 4 and set(frame["status"]) == {"ok"}, frame["error"].tolist()
+    alone = frame.groupby("population")["config/variant"].agg(lambda v: len(v) == 1)
+    by_variant = frame.set_index("population")["config/variant"]
+    assert all(alone[population] for population in by_variant[by_variant == "reference"].index)
+    reference = frame[frame["config/variant"] == "reference"].iloc[0]
+    config = {key[len("config/"):]: value for key, value in reference.drop("config/variant").items()
+              if key.startswith("config/") and not pd.isna(value)}  # fmt: skip
+    config = {k: (v.item() if hasattr(v, "item") else v) for k, v in config.items()}
+    by_itself = run_trial({**config, "data_root": str(digits_root),
+                           "cache_dir": str(tmp_path / "cache")})  # fmt: skip
+    assert reference["test_acc"] == pytest.approx(by_itself["test_acc"], abs=1e-4)
+
+
 def test_a_population_search_records_every_member_as_run_trial_scores_it(tmp_path, digits_root):
     body = CROFT_BODY.replace("num_samples: 3", "num_samples: 5").replace(
         "lambda2: {loguniform: [0.1, 10]}",

@@ -118,9 +118,14 @@ class PopulationSearch:
             self.asked += 1
         if not self.queue:
             return None
-        key = population_key(run_configs(self.queue[0][1])[0])
-        chosen = [m for m in self.queue if population_key(run_configs(m[1])[0]) == key]
-        chosen = chosen[: self.size]
+        first = run_configs(self.queue[0][1])[0]
+        if population_refusal(first) is not None:
+            # A config that cannot batch (a variant of a mixed space) trains alone.
+            chosen = self.queue[:1]
+        else:
+            key = population_key(first)
+            chosen = [m for m in self.queue if population_key(run_configs(m[1])[0]) == key]
+            chosen = chosen[: self.size]
         self.queue = [m for m in self.queue if m not in chosen]
         self.placed[trial_id] = [number for number, _ in chosen]
         return {MEMBERS: [config for _, config in chosen]}
@@ -184,7 +189,8 @@ def population_function(
     carrying every member's result (``status`` and ``error`` each). A member
     already recorded (a resumed search) replays its row; where the population as a whole
     fails because a member diverged, the members run one at a time, so only that one fails;
-    any other error fails every member with it."""
+    any other error fails every member with it. A config that cannot batch (a variant of a
+    space that mixes both) comes alone and trains as a trial of its own, to the end."""
     import ray
     from ray import tune
 
@@ -200,16 +206,21 @@ def population_function(
         if device != "cpu":
             resources.backbone.model.to(device)
         runs = [{**run_configs(m)[0], "device": device} for m in members]
+        trained = None
         try:
-            trained = run_population(runs, resources, halving)
-            results = [{**r, "final": 1, "status": r.get("status", "ok"), "error": ""}
-                       for r in trained]  # fmt: skip
+            # A config that cannot batch comes alone (the searcher places it so): a trial.
+            if population_refusal(runs[0]) is None:
+                trained = run_population(runs, resources, halving)
         except TrainingDiverged:
-            # One member's loss diverged: each member alone, so only that one fails.
-            results = [run_sampled_trial(m, resources, device, _no_report) for m in members]
+            pass  # one member's loss diverged: each member alone, so only that one fails
         except Exception as err:  # noqa: BLE001 - recorded for every member, the search goes on
             line = f"{type(err).__name__}: {' '.join(str(err).split())}"
-            results = [{"final": 1, "status": "failed", "error": line} for _ in members]
+            trained = [{"status": "failed", "error": line} for _ in members]
+        if trained is None:
+            results = [run_sampled_trial(m, resources, device, _no_report) for m in members]
+        else:
+            results = [{**r, "final": 1, "status": r.get("status", "ok"),
+                        "error": r.get("error", "")} for r in trained]  # fmt: skip
     clean = [{k: v for k, v in r.items() if is_metric(k) or k in ("final", "status", "error")}
              for r in results]  # fmt: skip
     tune.report({"final": 1, "node": node, MEMBERS: clean})
