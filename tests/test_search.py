@@ -367,6 +367,9 @@ def test_the_default_population_follows_the_hardware_and_the_space(monkeypatch):
     # What cannot batch runs a Ray trial per configuration, without an error.
     assert default_population(load_space("dplclip_digits"), 0.0, 128) == 1
     assert default_population(load_space("croft_pacs"), 0.0, 512) == 1  # reference CRoFT
+    # Its reference and sw_* variants do not batch: they would train alone, the rest in
+    # populations of a few members each.
+    assert default_population(load_space("ablation_croft_digits"), 0.0, 128) == 1
 
     class H200Share:
         total_memory = 80 * 2**30

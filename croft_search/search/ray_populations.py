@@ -83,11 +83,18 @@ def check_population_space(space: SearchSpace, size: int) -> None:
 
 
 def default_population(space: SearchSpace, gpus_per_trial: float, embed_dim: int) -> int:
-    """The population size a search takes without ``--population``: 1 where the space's
-    trials cannot batch; on a GPU share as many members of ``embed_dim``-wide features as
-    fit in `GPU_MEMORY_USE` of its memory, at most `GPU_POPULATION`; on CPUs
+    """The population size a search takes without ``--population``: 1 where some of the
+    space's trials cannot batch (a variant of an ablation, say: those would train alone and
+    the rest in small populations); on a GPU share as many members of ``embed_dim``-wide
+    features as fit in `GPU_MEMORY_USE` of its memory, at most `GPU_POPULATION`; on CPUs
     `CPU_POPULATION`."""
-    if space_refusal(space) is not None:
+    variants = [*space.variants] or [None]
+    mixed = any(
+        population_refusal(run_configs(space.config_for(method, variant, {}, None))[0])
+        for method in space.methods
+        for variant in variants
+    )
+    if mixed or space_refusal(space) is not None:
         return 1
     if gpus_per_trial > 0 and torch.cuda.is_available():
         share = torch.cuda.get_device_properties(0).total_memory * min(gpus_per_trial, 1.0)
