@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pickle
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import optuna
@@ -66,11 +66,17 @@ def space_refusal(space: SearchSpace) -> str | None:
             f"space {space.name} averages several seeds per trial; populations take one seed "
             "per member (use the grid sampler's seed axis)"
         )
+    return next(_refusals(space, [None]), None)
+
+
+def _refusals(space: SearchSpace, variants: list[str | None]) -> Iterator[str]:
+    """Why each of the space's methods (crossed with ``variants``) cannot batch, where not."""
     for method in space.methods:
-        refusal = population_refusal(run_configs(space.config_for(method, None, {}, None))[0])
-        if refusal:
-            return refusal
-    return None
+        for variant in variants:
+            config = run_configs(space.config_for(method, variant, {}, None))[0]
+            refusal = population_refusal(config)
+            if refusal:
+                yield refusal
 
 
 def check_population_space(space: SearchSpace, size: int) -> None:
@@ -88,12 +94,7 @@ def default_population(space: SearchSpace, gpus_per_trial: float, embed_dim: int
     the rest in small populations); on a GPU share as many members of ``embed_dim``-wide
     features as fit in `GPU_MEMORY_USE` of its memory, at most `GPU_POPULATION`; on CPUs
     `CPU_POPULATION`."""
-    variants = [*space.variants] or [None]
-    mixed = any(
-        population_refusal(run_configs(space.config_for(method, variant, {}, None))[0])
-        for method in space.methods
-        for variant in variants
-    )
+    mixed = next(_refusals(space, [*space.variants] or [None]), None) is not None
     if mixed or space_refusal(space) is not None:
         return 1
     if gpus_per_trial > 0 and torch.cuda.is_available():
