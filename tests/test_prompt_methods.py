@@ -161,6 +161,63 @@ def test_per_sample_bias_gives_per_sample_prompts(tiny):
     assert (shared[0] - shared[1]).abs().max() > 1e-3
 
 
+# Forty names of one to three tokens: more prompts than one packed sequence of the tiny
+# model holds, and prompts of different lengths side by side.
+MANY_NAMES = tuple(
+    f"{word} {extra}".strip()
+    for word in ("cat", "dog", "fish", "bird", "horse", "guitar", "house", "person")
+    for extra in ("", "red", "small green", "big", "old")
+)
+
+
+def _whole_sequences(learner: PromptLearner, bias: torch.Tensor | None) -> torch.Tensor:
+    """What the encoder gives on every prompt's whole token sequence, padding included."""
+    ctx = learner.context_vectors()
+    if bias is None:
+        return learner.encoder(learner.prompt_embeddings(ctx), learner.tokens)
+    embeddings = learner.prompt_embeddings(ctx + bias[:, None, None])
+    features = learner.encoder(embeddings.flatten(0, 1), learner.tokens.repeat(len(bias), 1))
+    return features.view(len(bias), learner.n_classes, -1)
+
+
+@pytest.mark.parametrize("names", [DIGIT_NAMES, MANY_NAMES], ids=["6 classes", "40 classes"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["shared", "per-image"])
+@pytest.mark.parametrize("backbone_name", ["tiny-digits", "ViT-S-32-alt"])
+def test_prompts_sharing_their_start_equal_the_whole_sequences(
+    backbone_name, with_bias, names, tiny
+):
+    """A causal encoder computes the shared start (start token + context) once and skips
+    the padding; features and the context's gradient are those of the whole sequences."""
+    backbone = tiny if backbone_name == "tiny-digits" else load_backbone(backbone_name, None)
+    encoder = FrozenTextEncoder(backbone)
+    learner = PromptLearner(encoder, names, 4, seed=3)
+    generator = torch.Generator().manual_seed(1)
+    bias = torch.randn(3, encoder.width, generator=generator) if with_bias else None
+    got, expected = learner(bias), _whole_sequences(learner, bias)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+    weights = torch.randn(expected.shape, generator=generator)
+    (grad,) = torch.autograd.grad((got * weights).sum(), learner.context)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), learner.context)
+    # float32 rounding of a sum over every prompt's gradient, relative to the largest entry
+    scale = float(expected_grad.abs().max())
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_prompts_sharing_their_start_cost_a_fraction_of_the_whole_sequences(tiny):
+    """On a 77-token CLIP, 16 context tokens and short class names, the shared start and
+    the skipped padding leave under a fifth of the arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    encoder = FrozenTextEncoder(load_backbone("ViT-S-32-alt", None))
+    learner = PromptLearner(encoder, DIGIT_NAMES, 16)
+    with torch.no_grad(), FlopCounterMode(display=False) as shared:
+        learner()
+    with torch.no_grad(), FlopCounterMode(display=False) as whole:
+        _whole_sequences(learner, None)
+    assert shared.get_total_flops() < whole.get_total_flops() / 5
+
+
 def test_context_that_does_not_fit_is_a_config_error(tiny):
     encoder = FrozenTextEncoder(tiny)
     # tiny-digits: 16 tokens = start + context + name + "." + end, so at most 12 slots.

@@ -55,6 +55,27 @@ class FrozenTextEncoder(nn.Module):
         # Only open_clip's bidirectional TextTransformer may mask padding (use_pad_mask).
         self.pad_mask = bool(getattr(tower, "use_pad_mask", False))
         self.embed_dim = backbone.embed_dim
+        self.causal = self._reads_nothing_after_the_pooled_token(tower)
+        self._packings: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def _reads_nothing_after_the_pooled_token(self, tower: nn.Module) -> bool:
+        """Whether each position sees only the positions before it (CLIP's causal mask) and
+        the feature is read at the end-of-text token: then the positions after that token
+        never reach the feature, and a start that several prompts share computes the same
+        for all of them (`forward_shared`)."""
+        mask = tower.attn_mask
+        if self.pad_mask or self.pool_type not in ("argmax", "eos") or mask is None:
+            return False
+        return torch.equal(mask, torch.full_like(mask, float("-inf")).triu_(1))
+
+    def pooled_positions(self, tokens: torch.Tensor) -> list[int] | None:
+        """The position each row of ``tokens`` [P, L] is read at, where the encoder is
+        `causal`; None otherwise."""
+        if not self.causal:
+            return None
+        if self.pool_type == "eos":
+            return (tokens == self.eos_id).int().argmax(dim=-1).tolist()
+        return tokens.argmax(dim=-1).tolist()
 
     @property
     def tower(self) -> nn.Module:
@@ -93,24 +114,97 @@ class FrozenTextEncoder(nn.Module):
         with torch.no_grad():
             return self.tower.token_embedding(tokens)
 
-    def forward(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, tokens: torch.Tensor, length: int | None = None
+    ) -> torch.Tensor:
         """Raw text features [P, d] from token embeddings [P, L, w]; ``tokens`` [P, L] only
-        locate the pooled position (and the padding, for towers that mask it)."""
+        locate the pooled position (and the padding, for towers that mask it). A `causal`
+        encoder may be given the ``length`` of the positions that matter, one past the
+        last pooled one (`pooled_positions`): the rest, padding, is not computed."""
         tower = self.tower
+        if length is not None and self.causal:
+            embeddings, tokens = embeddings[..., :length, :], tokens[..., :length]
         cast_dtype = tower.transformer.get_cast_dtype()
-        x = embeddings.to(cast_dtype) + tower.positional_embedding.to(cast_dtype)
+        positions = tower.positional_embedding[: embeddings.shape[-2]]
+        x = embeddings.to(cast_dtype) + positions.to(cast_dtype)
         attn_mask = tower.attn_mask
         if self.pad_mask:
             length = tokens.shape[1]
             padding = tower._build_additive_mask(tokens, length, x.dtype)
             attn_mask = padding if attn_mask is None else attn_mask[:length, :length] + padding
+        if attn_mask is not None:
+            attn_mask = attn_mask[: x.shape[-2], : x.shape[-2]]
         x = tower.transformer(x, attn_mask=attn_mask)
         x = tower.ln_final(x)
-        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
-        projection = tower.text_projection
-        if projection is not None:
-            x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
-        return x
+        return self._project(text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id))
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        projection = self.tower.text_projection
+        if projection is None:
+            return pooled
+        return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+
+    def forward_shared(
+        self, start: torch.Tensor, rest: torch.Tensor, pooled: Sequence[int]
+    ) -> torch.Tensor:
+        """Raw text features [..., K, d] of K prompts that all begin with the same tokens:
+        ``start`` [..., S, w] the shared first S token embeddings, ``rest`` [K, R, w] (or
+        [..., K, R, w]) each prompt's own next R, ``pooled`` each prompt's pooled position
+        in the whole sequence (`pooled_positions`, at least S). Equal to `forward` on the
+        concatenated prompts, for a `causal` encoder, with the shared positions computed
+        once rather than once per prompt.
+
+        The prompts are packed: one sequence holds the shared start and then several
+        prompts' own positions, each at its own positional embedding; the attention mask
+        lets a prompt's position see the start and its own earlier positions only, so it
+        computes what it would in its own sequence. A packed sequence holds at most about
+        ``w`` positions, where its attention costs a small share of its linear layers."""
+        if not self.causal:
+            raise ValueError("forward_shared needs a causal encoder read at end-of-text")
+        tower = self.tower
+        cast_dtype = tower.transformer.get_cast_dtype()
+        lead, (shared, width) = start.shape[:-2], start.shape[-2:]
+        prompts, own = rest.shape[-3], rest.shape[-2]
+        rows = -(-prompts // max(1, min(prompts, (width - shared) // max(own, 1))))
+        per_row = -(-prompts // rows)
+        # The last row is filled up with copies of the last prompt; their outputs are dropped.
+        order = [min(k, prompts - 1) for k in range(rows * per_row)]
+        rest = rest.expand(*lead, prompts, own, width)[..., order, :, :]
+        rest = rest.reshape(*lead, rows, per_row * own, width)
+        starts = start.unsqueeze(-3).expand(*lead, rows, shared, width)
+        packed = torch.cat([starts, rest], dim=-2).flatten(0, -3)  # [N, S + per_row R, w]
+        mask, positions, slots = self._packing(shared, own, per_row, pooled, order, rows)
+        x = packed.to(cast_dtype) + tower.positional_embedding[positions].to(cast_dtype)
+        x = tower.ln_final(tower.transformer(x, attn_mask=mask.to(x.dtype)))
+        slots = slots.expand(len(x) // rows, -1, -1).reshape(len(x), per_row)
+        features = x.gather(1, slots.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        features = features.reshape(*lead, rows * per_row, -1)[..., :prompts, :]
+        return self._project(features)
+
+    def _packing(self, shared: int, own: int, per_row: int, pooled: Sequence[int],
+                 order: Sequence[int], rows: int) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """For `forward_shared`'s packed sequences: the additive attention mask [T, T],
+        each position's index into the positional embedding [T], and where each packed
+        prompt is read, [rows, per_row]. Built once per layout: a training step asks again."""
+        key = (shared, own, per_row, rows, tuple(pooled))
+        if key not in self._packings:
+            self._packings[key] = self._new_packing(shared, own, per_row, pooled, order, rows)
+        return self._packings[key]
+
+    def _new_packing(self, shared: int, own: int, per_row: int, pooled: Sequence[int],
+                     order: Sequence[int], rows: int) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        device = self.tower.positional_embedding.device
+        length = shared + per_row * own
+        index = torch.arange(length, device=device)
+        segment = torch.where(index < shared, -1, (index - shared).div(own, rounding_mode="floor"))
+        positions = torch.where(index < shared, index, shared + (index - shared) % own)
+        visible = (index[None, :] <= index[:, None]) & (
+            (segment[None, :] == -1) | (segment[None, :] == segment[:, None])
+        )
+        mask = torch.zeros(length, length, device=device).masked_fill(~visible, float("-inf"))
+        slots = [pooled[order[k]] + (k % per_row) * own for k in range(len(order))]
+        slots = torch.as_tensor(slots, device=device).view(rows, per_row)
+        return mask, positions, slots
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """Raw features of plain texts (equal to the backbone's encode_text)."""
@@ -195,6 +289,20 @@ class PromptLearner(nn.Module):
         # Token ids only locate the pooled (end-of-text) position: reorder them alike.
         ordered_tokens = tokens if order is None else tokens.gather(1, order)
         self.register_buffer("tokens", ordered_tokens, persistent=False)
+        # Where the encoder reads each prompt, as numbers (a population stacks buffers):
+        # with a causal encoder nothing past the last of them is computed, and a context
+        # shared by every class, placed before the class name, is computed once per pass
+        # instead of once per class (`FrozenTextEncoder.forward_shared`).
+        self.pooled = encoder.pooled_positions(ordered_tokens)
+        self.length = None if self.pooled is None else max(self.pooled) + 1
+        self.shared_start = start + n_ctx
+        self.shares_start = (
+            self.pooled is not None
+            and not class_specific
+            and class_position == "end"
+            and min(self.pooled) >= self.shared_start
+            and bool((embedded[:, :start] == embedded[:1, :start]).all())
+        )
 
         width = encoder.width
         shape = (self.n_classes, n_ctx, width) if class_specific else (n_ctx, width)
@@ -220,6 +328,14 @@ class PromptLearner(nn.Module):
             generator = torch.Generator().manual_seed(seed)
             init = torch.randn(shape, generator=generator) * init_std
         self.context = nn.Parameter(init.to(embedded.dtype))
+
+    def _shared_pass(self, context: torch.Tensor) -> torch.Tensor:
+        """Text features [..., K, d] for shared contexts [..., M, w]: the start token and
+        the context once, each class's name and end after them."""
+        prefix = self.prefix[0].to(context.dtype)
+        start = torch.cat([prefix.expand(*context.shape[:-2], *prefix.shape), context], dim=-2)
+        rest = self.suffix[:, : self.length - self.shared_start].to(context.dtype)
+        return self.encoder.forward_shared(start, rest, self.pooled)
 
     def _position_order(self, start: int, length: int) -> torch.Tensor | None:
         """Per class, the positions of the "end" layout [prefix, ctx, name, rest] that form
@@ -259,13 +375,20 @@ class PromptLearner(nn.Module):
     def forward(self, bias: torch.Tensor | None = None) -> torch.Tensor:
         ctx = self.context_vectors()
         if bias is None:
-            return self.encoder(self.prompt_embeddings(ctx), self.tokens)
+            if self.shares_start:
+                return self._shared_pass(self.context)
+            return self.encoder(self.prompt_embeddings(ctx), self.tokens, self.length)
         if bias.dim() == 2:  # [B, w]: the same shift for every context slot
             bias = bias[:, None, :]
         if bias.dim() != 3 or bias.shape[1] not in (1, self.n_ctx):
             raise ValueError(
                 f"bias must be [B, w] or [B, {self.n_ctx}, w], got {tuple(bias.shape)}"
             )
+        if self.shares_start:
+            contexts = self.context.unsqueeze(0) + bias  # [B, M, w]
+            rows = max(1, MAX_PROMPTS_PER_PASS // self.n_classes)
+            return torch.cat([self._shared_pass(contexts[first : first + rows])
+                              for first in range(0, len(contexts), rows)])  # fmt: skip
         embeddings = self.prompt_embeddings(ctx.unsqueeze(0) + bias[:, None])  # [B, K, L, w]
         batch = embeddings.shape[0]
         flat = embeddings.flatten(0, 1)
@@ -275,6 +398,7 @@ class PromptLearner(nn.Module):
                 self.encoder(
                     flat[start : start + MAX_PROMPTS_PER_PASS],
                     tokens[start : start + MAX_PROMPTS_PER_PASS],
+                    self.length,
                 )
                 for start in range(0, len(flat), MAX_PROMPTS_PER_PASS)
             ]
