@@ -194,8 +194,7 @@ class StackedHead(Method):
     hparams = {"epochs": HParam(3, low=0, high=100)}
     seen: list[tuple[int, ...]] = []
 
-    @classmethod
-    def population_broadcasts(cls, hp):
+    def population_broadcasts(self):
         return True
 
     def __init__(self, context, hp):

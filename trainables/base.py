@@ -205,10 +205,10 @@ class Method(nn.Module):
         of one population agree on it."""
         return ()
 
-    @classmethod
-    def population_broadcasts(cls, hp: dict[str, Any]) -> bool:
-        """Whether `population_loss` computes every member at once when handed the stacked
-        [K, ...] parameters, data and member values ([K, 1, 1]) as they are, so that a
+    def population_broadcasts(self) -> bool:
+        """Whether this method's `population_loss` computes every member at once when
+        handed the stacked [K, ...] parameters, buffers, data and member values ([K, 1, 1])
+        as they are, so that a
         population runs it without vmap (whose batching rules cost about twice the plain
         operations on small matrices). False: it is written for one member, and the
         population maps it over the members with `torch.func.vmap`."""

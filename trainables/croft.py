@@ -22,8 +22,8 @@ again). In value and gradient this is what autograd and the paper's double backw
 ``autograd.grad(E, theta, create_graph=True)`` give (`edr_penalty`); the tests hold the two
 together in every branch. The generator's inner steps use their gradient in closed form
 too. bench/trial_speed.py times the effect. A population of members
-(`croft_search.trial.population`) runs this objective under vmap (`_population_loss`),
-with each member's weights and ratios as tensors.
+(`croft_search.trial.population`) runs this objective on its members' stacks
+(`_population_loss`), each member's weights and ratios as tensors.
 
 Switches, all plain hyper-parameters so a search grid can express the paper's ablations:
 - lambda1 = 0 turns the generator off entirely (no parameter, no loss, no inner steps).
@@ -169,11 +169,11 @@ class CRoFT(Method):
         keys = ("lambda1", "lambda2", "ratio_image", "ratio_text", "gen_lr")
         return {key: float(hp[key]) for key in keys}
 
-    @classmethod
-    def population_broadcasts(cls, hp: dict[str, Any]) -> bool:
-        # The objective is written for leading member dimensions; a prompt learner's text
-        # encoder is not, so learned prompts run under vmap.
-        return hp["n_ctx"] == 0
+    def population_broadcasts(self) -> bool:
+        # The objective is written for leading member dimensions, and so is a prompt
+        # learner's pass where the classes share its start; other prompt layouts run under
+        # vmap.
+        return self.prompt_learner is None or self.prompt_learner.shares_start
 
     @classmethod
     def structure(cls, hp: dict[str, Any]) -> tuple:
@@ -395,12 +395,12 @@ def _population_loss(
     features: torch.Tensor,
     labels: torch.Tensor,
 ) -> MemberStep:
-    """One population member's step by the hand-written objective, vmap-ready: its weights
-    and ratios are the member's 0-dim tensors and the gradients of the adapters (and of a
-    jointly trained G) come from `objective_gradients` outright, as the step's
-    ``gradients``, so autograd never sees them. With learned prompts the loss carries
-    dL/dg of their text features g to autograd as ``<g, dL/dg>`` with dL/dg fixed, which
-    autograd takes on through the text encoder."""
+    """A population's step by the hand-written objective, on the members' stacks (or one
+    member's, under vmap): its weights and ratios are the members' tensors and the
+    gradients of the adapters (and of a jointly trained G) come from `objective_gradients`
+    outright, as the step's ``gradients``, so autograd never sees them. With learned
+    prompts the loss carries dL/dg of their text features g to autograd as ``<g, dL/dg>``
+    (per member) with dL/dg fixed, which autograd takes on through the text encoder."""
     raw_text = method.raw_text()
     fixed_text = raw_text.detach()
     with torch.no_grad():
@@ -421,7 +421,7 @@ def _population_loss(
     gradients = {name: grad for name, grad, need in named if need}
     if prompts:
         # dL/dg goes on through the text encoder by autograd: <g, dL/dg> with dL/dg fixed.
-        pulled = (raw_text * raw_text_grad).sum()
+        pulled = (raw_text * raw_text_grad).sum((-2, -1))  # per member
         loss = loss + (pulled - pulled.detach())
     updates = {"generator": generator} if method.worst_case else {}
     return MemberStep(loss, method._terms(ce, shift, edr, settings), updates, gradients)

@@ -15,13 +15,13 @@ value and gradient of every term to a pure-autograd build in every branch.
 Every function here also takes a leading member dimension: a population
 (`croft_search.trial.population`) hands `objective_gradients` its stacked [P, ...]
 weights and features, each member's weights and ratios [P, 1, 1] tensors, and gets [P]
-outputs (with learned prompts it maps one member's call over the members with vmap,
-those numbers 0-dim). A member's totals stay [..., 1, 1] (`total`), so they broadcast
-against the stacks; `mm_add` is addmm (baddbmm) where the weights are numbers. Plain
-autograd under vmap, the
-EDR by double backward, was measured first and cost more per member at K = 16 and 64 than
-one trial through this objective: vmap shares autograd's per-node cost among members,
-not the d x d products of its double backward that the Gram form here avoids.
+outputs (where a prompt layout cannot take the stacks, it maps one member's call over
+the members with vmap, those numbers 0-dim). A member's totals stay [..., 1, 1]
+(`total`), so they broadcast against the stacks; `mm_add` is addmm (baddbmm) where the
+weights are numbers. Plain autograd under vmap, the EDR by double backward, was
+measured first and cost more per member at K = 16 and 64 than one trial through this
+objective: vmap shares autograd's per-node cost among members, not the d x d products of
+its double backward that the Gram form here avoids.
 
 Notation: f raw image features [B, d], g raw text features [K, d], u = adapt(f, Wi, ri),
 x = n(u), v = adapt(g, Wt, rt), t = n(v), S = x t^T, m = x G + x, xc = n(m), n(.) the row

@@ -332,9 +332,12 @@ class PromptLearner(nn.Module):
     def _shared_pass(self, context: torch.Tensor) -> torch.Tensor:
         """Text features [..., K, d] for shared contexts [..., M, w]: the start token and
         the context once, each class's name and end after them."""
-        prefix = self.prefix[0].to(context.dtype)
-        start = torch.cat([prefix.expand(*context.shape[:-2], *prefix.shape), context], dim=-2)
-        rest = self.suffix[:, : self.length - self.shared_start].to(context.dtype)
+        # The first class's start tokens (every class's); a population's members' buffers
+        # come stacked [P, K, ...] and their contexts [P, M, w].
+        prefix = self.prefix[..., 0, :, :].to(context.dtype)
+        start = torch.cat([prefix.expand(*context.shape[:-2], *prefix.shape[-2:]), context],
+                          dim=-2)  # fmt: skip
+        rest = self.suffix[..., : self.length - self.shared_start, :].to(context.dtype)
         return self.encoder.forward_shared(start, rest, self.pooled)
 
     def _position_order(self, start: int, length: int) -> torch.Tensor | None:

@@ -5,7 +5,7 @@ validation cut, initialisation and view draws, all from its own seed), then the 
 parameters are stacked into [K, ...] tensors (`torch.func.stack_module_state`) and each
 training step is one call: the method's loss of every member by `functional_call` on
 the stacks themselves where the method computes every member at once
-(`Method.population_broadcasts`: CRoFT without learned prompts), else by
+(`Method.population_broadcasts`: CRoFT), else by
 `torch.func.vmap` over one member's call; one backward for all of them (members share
 no parameter, so the
 gradient of the summed loss is each member's own), and one SGD update of the stacked
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,7 +257,8 @@ def population_epochs(
     # stacked tensors (or, under vmap, their slices) in for its own.
     step = _member_loss(methods[0])
     values = _stacked_values(methods, hps, next(iter(trained.values())))
-    if type(methods[0]).population_broadcasts(hp0):
+    broadcasts = methods[0].population_broadcasts()
+    if broadcasts:
         values = {key: value.view(-1, 1, 1) for key, value in values.items()}
     else:
         step = vmap(step, randomness="error")
@@ -289,7 +291,7 @@ def population_epochs(
             domains = torch.stack([d.domains[i] for _, d, (i, _) in drawn])
             # vmap has no batching rule for the fused CPU attention kernel and would loop over
             # the members in a prompt learner's text encoder; the math kernel batches.
-            with sdpa_kernel([SDPBackend.MATH]):
+            with nullcontext() if broadcasts else sdpa_kernel([SDPBackend.MATH]):
                 losses, parts, updates, grads = step(trained, frozen, buffers, values,
                                                      features.to(device), labels.to(device),
                                                      domains.to(device))  # fmt: skip
