@@ -43,6 +43,9 @@ BATCHABLE = {
     "tip_adapter_f": {"method": "tip_adapter_f", "epochs": 6, "shots": 16, "batch_size": 32},
     "clip_adapter": {"method": "clip_adapter", "epochs": 6, "shots": 16},
     "coop": {"method": "coop", "epochs": 6, "shots": 16, "n_ctx": 2, "ctx_init": ""},
+    # One context per class: the members' prompts run under vmap, not on the stacks.
+    "coop_class_specific": {"method": "coop", "epochs": 6, "shots": 16, "n_ctx": 2,
+                            "ctx_init": "", "class_specific": True},
     "cocoop": {"method": "cocoop", "epochs": 6, "shots": 2, "batch_size": 4, "n_ctx": 2,
                "ctx_init": ""},
     # CRoFT's worst-case branch (the paper's default), its joint branch, without a

@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from trainables.base import DASSL_RECIPE, HParam, Method, MethodContext
+from trainables.base import DASSL_RECIPE, HParam, MemberStep, Method, MethodContext
 from trainables.registry import register_method
 from trainables.text import CLASS_POSITIONS, PromptLearner
 
@@ -50,3 +51,16 @@ class CoOp(Method):
 
     def logits(self, features: torch.Tensor, domains: torch.Tensor | None = None) -> torch.Tensor:
         return self.clip_logits(features, self.prompt_learner())
+
+    def population_broadcasts(self) -> bool:
+        # A context shared by the classes runs on the members' stacked contexts.
+        return self.prompt_learner.shares_start
+
+    def population_loss(self, values, features, labels, domains):  # noqa: ANN001, ANN201
+        # The cross-entropy of `logits`, per member of [..., B, K] logits.
+        image = F.normalize(features, dim=-1)
+        text = F.normalize(self.prompt_learner(), dim=-1)
+        logits = self.logit_scale * image @ text.mT
+        each = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction="none")
+        ce = each.view(labels.shape).mean(-1)
+        return MemberStep(ce, {"ce": ce})
