@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from searches import RAY, gcs_address, write_space
 
 from croft_search.run import main as run_main
-from croft_search.search.ray_engine import SearchOptions, run_search
+from croft_search.search.ray_engine import SearchOptions, concurrent_slots, run_search
 from croft_search.search.ray_populations import CPU_POPULATION, default_population
 from croft_search.search.space import load_space
 from croft_search.trial.runner import run_trial
@@ -75,6 +75,7 @@ def test_search_writes_parquet_and_mlflow_parent_child(tmp_path, weights, digits
     # are switched off for the search, and the switch is put back afterwards.
     assert not [p.name for p in outcome.folder.rglob("*") if p.name in TUNE_RESULT_FILES]
     assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
+    assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ
     assert set(frame["status"]) == {"ok"}
     assert {"config/lambda2", "val_acc", "test_auroc", "objective", "node", "wall_seconds"} <= set(
         frame.columns
@@ -360,6 +361,15 @@ def test_what_populations_refuse_is_one_line(argv, message, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_trials_started_at_once_follow_the_clusters_cpus_and_gpus():
+    """Without --max-concurrent Tune may start this many trials together (its default for
+    a searcher of our own is one at a time)."""
+    assert concurrent_slots({"CPU": 2.0}, 1.0, 0.0) == 2
+    assert concurrent_slots({"CPU": 16.0, "GPU": 1.0}, 1.0, 0.25) == 4
+    assert concurrent_slots({"CPU": 16.0, "GPU": 2.0}, 4.0, 0.25) == 4
+    assert concurrent_slots({"CPU": 2.0}, 4.0, 0.0) == 1
 
 
 def test_the_default_population_follows_the_hardware_and_the_space(monkeypatch):

@@ -61,6 +61,7 @@ from croft_search.search.space import SearchSpace
 from croft_search.trial.runner import TrialResources, load_resources
 
 TUNE_FILE_LOGGERS_SWITCH = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+TUNE_PENDING_TRIALS = "TUNE_MAX_PENDING_TRIALS_PG"
 # A trial reports once per epoch, then once more with its final (test) metrics: ASHA's
 # max_t, counted in reports, is the space's epoch bound plus this, so ASHA never stops a
 # trial between its last epoch and its final report.
@@ -249,19 +250,35 @@ def _members(trial) -> list[tuple[str, dict[str, Any]]]:  # noqa: ANN001
 
 
 @contextlib.contextmanager
-def _without_tune_result_files() -> Iterator[None]:
-    """Ray Tune writes every result of every trial to its own CSV, JSON and TensorBoard
-    files from the driver, on top of trials.parquet and MLflow: only driver CPU taken from
-    the trials beside it. Its switch is an environment variable read when fit() starts."""
-    previous = os.environ.get(TUNE_FILE_LOGGERS_SWITCH)
-    os.environ[TUNE_FILE_LOGGERS_SWITCH] = "1"
+def _tune_environment(pending_trials: int) -> Iterator[None]:
+    """Ray Tune's switches that are environment variables read when fit() starts, set for
+    the search and restored after it.
+
+    Result files off: Ray Tune writes every result of every trial to its own CSV, JSON and
+    TensorBoard files from the driver, on top of trials.parquet and MLflow: only driver CPU
+    taken from the trials beside it. Pending trials: with a searcher of its own and no
+    concurrency limit Tune keeps one trial pending, so the second worker process is started
+    only once the first has started (seconds of importing torch and fetching features)."""
+    switches = {TUNE_FILE_LOGGERS_SWITCH: "1", TUNE_PENDING_TRIALS: str(max(1, pending_trials))}
+    previous = {name: os.environ.get(name) for name in switches}
+    os.environ.update(switches)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop(TUNE_FILE_LOGGERS_SWITCH, None)
-        else:
-            os.environ[TUNE_FILE_LOGGERS_SWITCH] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def concurrent_slots(cluster: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many trials asking ``cpus`` CPUs and ``gpus`` GPUs each the Ray ``cluster``
+    (`ray.cluster_resources()`) runs at once."""
+    slots = int(cluster.get("CPU", 0.0) // cpus)
+    if gpus > 0:
+        slots = min(slots, int(cluster.get("GPU", 0.0) // gpus))
+    return max(1, slots)
 
 
 def _error_line(trial) -> str:  # noqa: ANN001
@@ -494,7 +511,8 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
                           plan.selection, _parent_params(plan, options))  # fmt: skip
         tuner = _tuner(plan, options, resources)
         fit_started = time.perf_counter()
-        with _without_tune_result_files():
+        slots = concurrent_slots(ray.cluster_resources(), options.cpus_per_trial, plan.gpus)
+        with _tune_environment(options.max_concurrent or slots):
             tuner.fit()
         search_seconds = time.perf_counter() - fit_started
     finally:
