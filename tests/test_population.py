@@ -15,6 +15,7 @@ from torch import nn
 from croft_search.errors import ConfigError
 from croft_search.trial.loop import TrainingDiverged, train_epochs
 from croft_search.trial.population import (
+    RUNG_OBJECTIVES,
     Halving,
     population_epochs,
     population_refusal,
@@ -259,6 +260,35 @@ def test_successive_halving_stops_members_at_the_rungs_with_what_they_reached(re
     survivors = [m for m, r in zip(members, results, strict=True) if r["epochs_run"] > 1]
     at_one = [run_trial(m, resources, report=lambda row: True)["objective"] for m in survivors]
     assert max(r["objective"] for r in first_rung) <= min(at_one) + 1e-12
+
+
+def test_asha_cutoff_from_earlier_trials_at_a_rung():
+    """Beside the population's own halving, a member must reach the top third (factor 3)
+    of everything seen at the rung: sorted [0.5, 0.8, 0.85, 0.9, 0.95], the 2/3 quantile
+    at position 4 * 2/3 lies between 0.85 and 0.9, at 0.8833; with 0.92 instead of 0.85 it
+    lies between 0.9 and 0.92, at 0.9133."""
+    halving = Halving((5,), 3, {5: (0.9, 0.8, 0.95)})
+    assert halving.survivors(5, {0: 0.5, 1: 0.85}) == []
+    assert halving.survivors(5, {0: 0.5, 1: 0.92}) == [1]
+    assert halving.survivors(15, {0: 0.5, 1: 0.85}) == [1]  # nothing seen there yet
+    assert Halving((5,), 3).survivors(5, {k: 0.1 * k for k in range(7)}) == [6, 5]
+
+
+def test_halving_holds_members_to_what_earlier_trials_reached_at_the_rung(resources):
+    base = {"method": "croft", "target_domain": TARGET, "views": 2, "epochs": 3, "shots": 4}
+    members = [{**base, "seed": seed} for seed in (0, 1)]
+    free = run_population(members, resources, Halving((1,), 2))
+    assert sorted(r["epochs_run"] for r in free) == [1, 3]
+    for result in free:  # each carries what it reached at the rung
+        assert set(result[RUNG_OBJECTIVES]) == {1}
+        if result.get("status") == "stopped":
+            assert result[RUNG_OBJECTIVES][1] == result["objective"]
+    # Earlier trials all reached more (objectives are at most 1): both stop at the rung.
+    held = run_population(members, resources, Halving((1,), 2, {1: (2.0, 2.0, 2.0)}))
+    assert [(r.get("status"), r["epochs_run"]) for r in held] == [("stopped", 1)] * 2
+    # Earlier trials all reached less: the population halves as it does alone.
+    low = run_population(members, resources, Halving((1,), 2, {1: (-1.0,) * 5}))
+    assert [r["epochs_run"] for r in low] == [r["epochs_run"] for r in free]
 
 
 def test_a_stopped_member_leaves_the_program_with_the_weights_it_had(resources):

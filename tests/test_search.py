@@ -24,7 +24,14 @@ from searches import RAY, gcs_address, write_space
 
 from croft_search.run import main as run_main
 from croft_search.search.ray_engine import SearchOptions, concurrent_slots, run_search
-from croft_search.search.ray_populations import CPU_POPULATION, default_population
+from croft_search.search.ray_populations import (
+    CPU_POPULATION,
+    MEMBERS,
+    RUNG_HISTORY,
+    RUNGS_REACHED,
+    PopulationSearch,
+    default_population,
+)
 from croft_search.search.space import load_space
 from croft_search.trial.runner import run_trial
 
@@ -361,6 +368,17 @@ def test_what_populations_refuse_is_one_line(argv, message, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_later_populations_get_the_objectives_earlier_members_reached_at_the_rungs():
+    """The searcher keeps ASHA's record across populations: what each member reached at
+    each rung comes back with its population and goes out with the next ones."""
+    search = PopulationSearch(load_space("croft_digits"), "val", 1, seed=0)
+    assert RUNG_HISTORY not in search.next_members("a")
+    search.tell("a", {MEMBERS: [{}], RUNGS_REACHED: [[[5, 0.7], [15, 0.8]]]})
+    assert search.next_members("b")[RUNG_HISTORY] == [[5, [0.7]], [15, [0.8]]]
+    search.tell("b", {MEMBERS: [{}], RUNGS_REACHED: [[[5, 0.6]]]})
+    assert search.next_members("c")[RUNG_HISTORY] == [[5, [0.7, 0.6]], [15, [0.8]]]
 
 
 def test_trials_started_at_once_follow_the_clusters_cpus_and_gpus():

@@ -27,6 +27,7 @@ from croft_search.search.sampled_trial import run_sampled_trial
 from croft_search.search.space import SearchSpace
 from croft_search.trial.loop import TrainingDiverged
 from croft_search.trial.population import (
+    RUNG_OBJECTIVES,
     Halving,
     population_key,
     population_refusal,
@@ -35,6 +36,10 @@ from croft_search.trial.population import (
 from croft_search.trial.runner import TrialResources
 
 MEMBERS = "members"
+# A population's config: [[rung, [objectives]], ...] that earlier members reached (ASHA's
+# record, for `Halving.history`); its report: [[[rung, objective], ...] per member].
+RUNG_HISTORY = "rung_history"
+RUNGS_REACHED = "rungs_reached"
 # Without --population: on CPUs the size where bench/population_speed.py's methods gained
 # most per member (more members only add memory traffic); on a GPU share as many as fit in
 # half of its memory, each member counted as MEMBER_MATRICES fp32 d x d matrices (a bound
@@ -116,6 +121,7 @@ class PopulationSearch:
         self.asked = 0
         self.queue: list[tuple[int, dict[str, Any]]] = []  # asked members not yet placed
         self.placed: dict[str, list[int]] = {}  # Ray trial -> its members' Optuna numbers
+        self.rungs: dict[int, list[float]] = {}  # rung -> objectives members reached there
 
     def next_members(self, trial_id: str) -> dict[str, Any] | None:
         """The next population's config, or None when every sample is placed."""
@@ -136,11 +142,23 @@ class PopulationSearch:
             chosen = chosen[: self.size]
         self.queue = [m for m in self.queue if m not in chosen]
         self.placed[trial_id] = [number for number, _ in chosen]
-        return {MEMBERS: [config for _, config in chosen]}
+        config: dict[str, Any] = {MEMBERS: [config for _, config in chosen]}
+        rungs = self._rungs()
+        if rungs:
+            config[RUNG_HISTORY] = [[rung, list(values)] for rung, values in sorted(rungs.items())]
+        return config
+
+    def _rungs(self) -> dict[int, list[float]]:
+        # A searcher saved by an older version (a resumed search) has no record yet.
+        return self.__dict__.setdefault("rungs", {})
 
     def tell(self, trial_id: str, result: Mapping[str, Any] | None) -> None:
         numbers = self.placed.pop(trial_id, [])
         results = list((result or {}).get(MEMBERS) or [])
+        rungs = self._rungs()
+        for reached in (result or {}).get(RUNGS_REACHED) or []:
+            for rung, value in reached:
+                rungs.setdefault(int(rung), []).append(float(value))
         metrics = self.space.metric_names()
         for index, number in enumerate(numbers):
             row = results[index] if index < len(results) else {}
@@ -206,6 +224,9 @@ def population_function(
     node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
     population = tune.get_context().get_trial_id()
     members = config[MEMBERS]
+    if halving is not None and config.get(RUNG_HISTORY):
+        halving = halving.with_history({int(rung): tuple(values)
+                                        for rung, values in config[RUNG_HISTORY]})  # fmt: skip
     recorded = [(finished or {}).get(member_id(population, k)) for k in range(len(members))]
     if all(row is not None for row in recorded):
         results = [run_sampled_trial(m, None, device, _no_report, row)
@@ -231,7 +252,9 @@ def population_function(
                         "error": r.get("error", "")} for r in trained]  # fmt: skip
     clean = [{k: v for k, v in r.items() if is_metric(k) or k in ("final", "status", "error")}
              for r in results]  # fmt: skip
-    tune.report({"final": 1, "node": node, MEMBERS: clean})
+    reached = [[[rung, value] for rung, value in sorted(r.get(RUNG_OBJECTIVES, {}).items())]
+               for r in results]  # fmt: skip
+    tune.report({"final": 1, "node": node, MEMBERS: clean, RUNGS_REACHED: reached})
 
 
 def _no_report(row: dict[str, Any]) -> None:

@@ -35,9 +35,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -64,6 +65,8 @@ from trainables.registry import get_method, resolve_hparams
 
 # The hyper-parameters members of one population may set apart.
 MEMBER_HPARAMS = ("lr", "momentum", "weight_decay", "warmup_lr", "seed")
+# A member's result key: {rung: validation objective} at each rung it reached.
+RUNG_OBJECTIVES = "rung_objectives"
 
 
 def population_key(config: Mapping[str, Any]) -> tuple:
@@ -102,10 +105,31 @@ class Halving:
     """Successive halving inside a population: after ``rungs`` epochs each, the members
     still training keep the best 1 / ``reduction_factor`` of them (at least one) by their
     validation objective (mean over target domains, as a trial reports it); the others
-    stop there, recorded with the validation metrics they reached."""
+    stop there, recorded with the validation metrics they reached.
+
+    ``history``: the objectives earlier trials of the search reached at each rung. With
+    one, a kept member must also reach ASHA's cutoff there, the top 1 / reduction_factor
+    quantile of those and the population's own (as Ray's ASHA computes it), so a small
+    population's members are held to what the whole search has seen, not only to each
+    other."""
 
     rungs: tuple[int, ...]
     reduction_factor: int
+    history: dict[int, tuple[float, ...]] = field(default_factory=dict)
+
+    def with_history(self, history: dict[int, tuple[float, ...]]) -> Halving:
+        return replace(self, history=dict(history))
+
+    def survivors(self, rung: int, objectives: dict[int, float]) -> list[int]:
+        """The members (keys of ``objectives``, their values at ``rung``) that go on."""
+        ranked = sorted(objectives, key=lambda k: -objectives[k])
+        kept = ranked[: max(1, len(ranked) // self.reduction_factor)]
+        earlier = self.history.get(rung, ())
+        if earlier:
+            everyone = [*earlier, *objectives.values()]
+            cutoff = float(np.nanpercentile(everyone, 100 * (1 - 1 / self.reduction_factor)))
+            kept = [k for k in kept if objectives[k] >= cutoff]
+        return kept
 
     @classmethod
     def asha(cls, grace_period: int, reduction_factor: int, max_t: int) -> Halving:
@@ -124,7 +148,8 @@ def run_population(
 ) -> list[dict[str, Any]]:
     """Train and evaluate the configs as one population; one `run_trial` result each, in
     order, or, for a member ``halving`` stopped, its validation metrics with ``status``
-    "stopped". The configs must share a `population_key` and pass `population_refusal`."""
+    "stopped"; each also with the objectives it reached at the rungs (`RUNG_OBJECTIVES`).
+    The configs must share a `population_key` and pass `population_refusal`."""
     if not configs:
         return []
     keys = {population_key(c) for c in configs}
@@ -163,6 +188,7 @@ def run_population(
         runs.append((target, splits, datas, methods))
     active = torch.ones(len(members), dtype=torch.bool)
     stopped: dict[int, dict[str, Any]] = {}
+    reached: list[dict[int, float]] = [{} for _ in members]
     streams = [population_epochs(methods, datas, hps, active) for _, _, datas, methods in runs]
     epochs_run = 0
     for epochs_run, _ in enumerate(_lockstep(streams), start=1):
@@ -171,24 +197,27 @@ def run_population(
         live = [k for k in range(len(members)) if active[k]]
         rows = {k: _validation(members[k], [(s[k], d[k], m[k]) for _, s, d, m in runs])
                 for k in live}  # fmt: skip
-        keep = max(1, len(live) // halving.reduction_factor)
-        ranked = sorted(live, key=lambda k: -rows[k]["objective"])
-        for k in ranked[keep:]:
-            active[k] = False
-            stopped[k] = {**rows[k], "epochs_run": epochs_run, "status": "stopped"}
+        for k in live:
+            reached[k][epochs_run] = rows[k]["objective"]
+        kept = halving.survivors(epochs_run, {k: rows[k]["objective"] for k in live})
+        for k in live:
+            if k not in kept:
+                active[k] = False
+                stopped[k] = {**rows[k], "epochs_run": epochs_run, "status": "stopped"}
     train_seconds = (time.perf_counter() - started) / len(members)
     results: list[dict[str, Any]] = []
     for k, member in enumerate(members):
         if k in stopped:
-            results.append(stopped[k])
+            results.append({**stopped[k], RUNG_OBJECTIVES: reached[k]})
             continue
         per_target = {
             target: final_metrics(methods[k], splits[k], datas[k], member.score,
                                   member.settings["eval_protocol"], member.hp["seed"])
             for target, splits, datas, methods in runs
         }  # fmt: skip
-        results.append(trial_result(member.settings, member.score, per_target, epochs_run,
-                                    train_seconds, resources))  # fmt: skip
+        result = trial_result(member.settings, member.score, per_target, epochs_run,
+                              train_seconds, resources)  # fmt: skip
+        results.append({**result, RUNG_OBJECTIVES: reached[k]})
     return results
 
 
