@@ -137,7 +137,9 @@ def test_each_member_scores_what_run_trial_gives(method, resources):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("method", ["croft", "croft_joint", "clip_adapter", "plp"])
+@pytest.mark.parametrize(
+    "method", ["croft", "croft_joint", "croft_prompts", "coop", "clip_adapter", "plp"]
+)
 def test_a_population_on_cuda_scores_what_run_trial_gives_there(method, resources):
     # The members' learning rates, momenta, weights and ratios are [K] tensors: on the
     # parameters' device, or a CUDA population fails on its first step.

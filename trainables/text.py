@@ -186,7 +186,8 @@ class FrozenTextEncoder(nn.Module):
         """For `forward_shared`'s packed sequences: the additive attention mask [T, T],
         each position's index into the positional embedding [T], and where each packed
         prompt is read, [rows, per_row]. Built once per layout: a training step asks again."""
-        key = (shared, own, per_row, rows, tuple(pooled))
+        # The device too: a worker may move the backbone after a packing was built.
+        key = (shared, own, per_row, rows, tuple(pooled), self.tower.positional_embedding.device)
         if key not in self._packings:
             self._packings[key] = self._new_packing(shared, own, per_row, pooled, order, rows)
         return self._packings[key]
