@@ -266,12 +266,12 @@ def test_successive_halving_stops_members_at_the_rungs_with_what_they_reached(re
 
 def test_asha_cutoff_from_earlier_trials_at_a_rung():
     """Beside the population's own halving, a member must reach the top third (factor 3)
-    of everything seen at the rung: sorted [0.5, 0.8, 0.85, 0.9, 0.95], the 2/3 quantile
-    at position 4 * 2/3 lies between 0.85 and 0.9, at 0.8833; with 0.92 instead of 0.85 it
-    lies between 0.9 and 0.92, at 0.9133."""
+    of what earlier trials reached at the rung: sorted [0.8, 0.9, 0.95], the 2/3 quantile
+    at position 2 * 2/3 lies a third of the way from 0.9 to 0.95, at 0.9167."""
     halving = Halving((5,), 3, {5: (0.9, 0.8, 0.95)})
     assert halving.survivors(5, {0: 0.5, 1: 0.85}) == []
     assert halving.survivors(5, {0: 0.5, 1: 0.92}) == [1]
+    assert halving.survivors(5, {0: 0.5, 1: 0.91}) == []  # its own values set no bar
     assert halving.survivors(15, {0: 0.5, 1: 0.85}) == [1]  # nothing seen there yet
     assert Halving((5,), 3).survivors(5, {k: 0.1 * k for k in range(7)}) == [6, 5]
 

@@ -75,11 +75,10 @@ def test_encoder_applies_a_padding_mask_like_open_clip(tiny):
     ).eval()  # fmt: skip
     encoder = FrozenTextEncoder(_fake_backbone(tower, tiny.tokenizer))
     assert encoder.pad_mask
-    tokens = tiny.tokenizer(["a photo of the number two.", "one"])
+    # More texts x heads than context positions: the padding mask is [texts * heads, L, L].
+    texts = ["a photo of the number two.", "one"] * 5
     with torch.no_grad():
-        torch.testing.assert_close(
-            encoder.encode(["a photo of the number two.", "one"]), tower(tokens)
-        )
+        torch.testing.assert_close(encoder.encode(texts), tower(tiny.tokenizer(texts)))
 
 
 def test_encoder_refuses_a_text_tower_with_a_class_token(tiny):

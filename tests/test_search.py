@@ -82,7 +82,6 @@ def test_search_writes_parquet_and_mlflow_parent_child(tmp_path, weights, digits
     # are switched off for the search, and the switch is put back afterwards.
     assert not [p.name for p in outcome.folder.rglob("*") if p.name in TUNE_RESULT_FILES]
     assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
-    assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ
     assert set(frame["status"]) == {"ok"}
     assert {"config/lambda2", "val_acc", "test_auroc", "objective", "node", "wall_seconds"} <= set(
         frame.columns
@@ -382,12 +381,12 @@ def test_later_populations_get_the_objectives_earlier_members_reached_at_the_run
 
 
 def test_trials_started_at_once_follow_the_clusters_cpus_and_gpus():
-    """Without --max-concurrent Tune may start this many trials together (its default for
-    a searcher of our own is one at a time)."""
+    """Without --max-concurrent a search runs this many trials together."""
     assert concurrent_slots({"CPU": 2.0}, 1.0, 0.0) == 2
     assert concurrent_slots({"CPU": 16.0, "GPU": 1.0}, 1.0, 0.25) == 4
     assert concurrent_slots({"CPU": 16.0, "GPU": 2.0}, 4.0, 0.25) == 4
     assert concurrent_slots({"CPU": 2.0}, 4.0, 0.0) == 1
+    assert concurrent_slots({"CPU": 16.0, "GPU": 1.0}, 1.0, 0.1) == 10
 
 
 def test_the_default_population_follows_the_hardware_and_the_space(monkeypatch):

@@ -132,8 +132,8 @@ class FrozenTextEncoder(nn.Module):
             length = tokens.shape[1]
             padding = tower._build_additive_mask(tokens, length, x.dtype)
             attn_mask = padding if attn_mask is None else attn_mask[:length, :length] + padding
-        if attn_mask is not None:
-            attn_mask = attn_mask[: x.shape[-2], : x.shape[-2]]
+        if attn_mask is not None:  # [L, L], or [B * heads, L, L] with a padding mask
+            attn_mask = attn_mask[..., : x.shape[-2], : x.shape[-2]]
         x = tower.transformer(x, attn_mask=attn_mask)
         x = tower.ln_final(x)
         return self._project(text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id))

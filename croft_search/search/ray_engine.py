@@ -61,7 +61,6 @@ from croft_search.search.space import SearchSpace
 from croft_search.trial.runner import TrialResources, load_resources
 
 TUNE_FILE_LOGGERS_SWITCH = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-TUNE_PENDING_TRIALS = "TUNE_MAX_PENDING_TRIALS_PG"
 # A trial reports once per epoch, then once more with its final (test) metrics: ASHA's
 # max_t, counted in reports, is the space's epoch bound plus this, so ASHA never stops a
 # trial between its last epoch and its final report.
@@ -250,34 +249,27 @@ def _members(trial) -> list[tuple[str, dict[str, Any]]]:  # noqa: ANN001
 
 
 @contextlib.contextmanager
-def _tune_environment(pending_trials: int) -> Iterator[None]:
-    """Ray Tune's switches that are environment variables read when fit() starts, set for
-    the search and restored after it.
-
-    Result files off: Ray Tune writes every result of every trial to its own CSV, JSON and
-    TensorBoard files from the driver, on top of trials.parquet and MLflow: only driver CPU
-    taken from the trials beside it. Pending trials: with a searcher of its own and no
-    concurrency limit Tune keeps one trial pending, so the second worker process is started
-    only once the first has started (seconds of importing torch and fetching features)."""
-    switches = {TUNE_FILE_LOGGERS_SWITCH: "1", TUNE_PENDING_TRIALS: str(max(1, pending_trials))}
-    previous = {name: os.environ.get(name) for name in switches}
-    os.environ.update(switches)
+def _without_tune_result_files() -> Iterator[None]:
+    """Ray Tune writes every result of every trial to its own CSV, JSON and TensorBoard
+    files from the driver, on top of trials.parquet and MLflow: only driver CPU taken from
+    the trials beside it. Its switch is an environment variable read when fit() starts."""
+    previous = os.environ.get(TUNE_FILE_LOGGERS_SWITCH)
+    os.environ[TUNE_FILE_LOGGERS_SWITCH] = "1"
     try:
         yield
     finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if previous is None:
+            os.environ.pop(TUNE_FILE_LOGGERS_SWITCH, None)
+        else:
+            os.environ[TUNE_FILE_LOGGERS_SWITCH] = previous
 
 
 def concurrent_slots(cluster: dict[str, float], cpus: float, gpus: float) -> int:
     """How many trials asking ``cpus`` CPUs and ``gpus`` GPUs each the Ray ``cluster``
-    (`ray.cluster_resources()`) runs at once."""
-    slots = int(cluster.get("CPU", 0.0) // cpus)
+    (`ray.cluster_resources()`) runs at once (a tenth of a GPU fits ten times)."""
+    slots = int(cluster.get("CPU", 0.0) / cpus + 1e-9)
     if gpus > 0:
-        slots = min(slots, int(cluster.get("GPU", 0.0) // gpus))
+        slots = min(slots, int(cluster.get("GPU", 0.0) / gpus + 1e-9))
     return max(1, slots)
 
 
@@ -405,8 +397,14 @@ def _scheduler(space: SearchSpace) -> Any:
     return ASHAScheduler(time_attr="training_iteration", metric=JOINT_METRIC, mode="max", **asha)
 
 
-def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources) -> Any:
-    """A new Tuner for the plan, or the one a resumed search restores from its folder."""
+def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources, concurrent: int) -> Any:
+    """A new Tuner for the plan, or the one a resumed search restores from its folder;
+    ``concurrent`` trials at a time, as the search asked or the cluster fits.
+
+    The limit is explicit even where it is the cluster's: without one, Tune keeps a
+    single trial of a searcher of its own pending, so the second worker process starts
+    only once the first has (seconds of importing torch and fetching features); and a
+    limit, unlike more pending trials, asks Optuna for no trial before a slot is free."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -450,8 +448,7 @@ def _tuner(plan: _Plan, options: SearchOptions, resources: TrialResources) -> An
             sampler=make_sampler(space, options.seed),
             study_name=plan.name,
         )
-    if options.max_concurrent:
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=options.max_concurrent)
+    searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrent)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -509,10 +506,10 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         if not options.resume:
             create_folder(plan.folder, plan.name, plan.space, options.tracking_uri,
                           plan.selection, _parent_params(plan, options))  # fmt: skip
-        tuner = _tuner(plan, options, resources)
-        fit_started = time.perf_counter()
         slots = concurrent_slots(ray.cluster_resources(), options.cpus_per_trial, plan.gpus)
-        with _tune_environment(options.max_concurrent or slots):
+        tuner = _tuner(plan, options, resources, options.max_concurrent or slots)
+        fit_started = time.perf_counter()
+        with _without_tune_result_files():
             tuner.fit()
         search_seconds = time.perf_counter() - fit_started
     finally:

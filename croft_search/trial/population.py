@@ -109,9 +109,9 @@ class Halving:
 
     ``history``: the objectives earlier trials of the search reached at each rung. With
     one, a kept member must also reach ASHA's cutoff there, the top 1 / reduction_factor
-    quantile of those and the population's own (as Ray's ASHA computes it), so a small
-    population's members are held to what the whole search has seen, not only to each
-    other."""
+    quantile of those (as Ray's ASHA computes it from the trials recorded before), so a
+    small population's members are held to what the whole search has seen, not only to
+    each other."""
 
     rungs: tuple[int, ...]
     reduction_factor: int
@@ -126,8 +126,7 @@ class Halving:
         kept = ranked[: max(1, len(ranked) // self.reduction_factor)]
         earlier = self.history.get(rung, ())
         if earlier:
-            everyone = [*earlier, *objectives.values()]
-            cutoff = float(np.nanpercentile(everyone, 100 * (1 - 1 / self.reduction_factor)))
+            cutoff = float(np.nanpercentile(earlier, 100 * (1 - 1 / self.reduction_factor)))
             kept = [k for k in kept if objectives[k] >= cutoff]
         return kept
 
