@@ -7,7 +7,7 @@ so the figures measure the arithmetic a real PACS search does, not its accuracy.
     python bench/population_gpu.py                        # CUDA when present, else the CPU
     python bench/population_gpu.py --device cpu --sizes 1,4,16 --trials 16
 
-On CUDA the sizes default to 1, 64, 256 and 1,024 and the features live on the device; on
+On CUDA the sizes default to 1, 16, 64, 256 and 1,024 and the features live on the device; on
 the CPU to 1, 4 and 16 (a CPU run says so in its first line). Memory per member is the
 peak allocated during a population over K (CUDA only).
 """
@@ -130,8 +130,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default=None, help="population sizes, comma-separated")
-    parser.add_argument("--trials", type=int, default=None,
-                        help="trials per size (default: the largest size)")  # fmt: skip
+    parser.add_argument("--trials", type=int, default=16,
+                        help="trials per size, rounded up to whole populations")  # fmt: skip
     parser.add_argument("--alone", type=int, default=4, help="trials run one at a time")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--shots", type=int, default=16)
@@ -142,10 +142,9 @@ def main() -> None:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
-    sizes = [int(s) for s in (args.sizes or ("1,64,256,1024" if cuda else "1,4,16")).split(",")]
-    if min(sizes) < 1 or args.alone < 1 or args.epochs < 1:
-        parser.error("sizes, --alone and --epochs must be >= 1")
-    trials = args.trials or max(sizes)
+    sizes = [int(s) for s in (args.sizes or ("1,16,64,256,1024" if cuda else "1,4,16")).split(",")]
+    if min(sizes) < 1 or min(args.alone, args.epochs, args.trials) < 1:
+        parser.error("sizes, --trials, --alone and --epochs must be >= 1")
     if not cuda:
         torch.set_num_threads(1)
     resources = pacs_shaped(args.dim, args.shots, args.views, args.device)
@@ -164,7 +163,7 @@ def main() -> None:
     rows = [{"K": 1, "mode": "run_trial", "trials_per_hour": alone, "speedup": 1.0}]
     print(f"run_trial one at a time: {alone:12,.0f} trials/hour")
     for size in sizes:
-        count = -(-trials // size) * size  # whole populations
+        count = -(-args.trials // size) * size  # whole populations
         members = configs(count, args.epochs, args.shots, args.device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()

@@ -8,6 +8,8 @@ population refuses, each a one-line error."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -143,12 +145,39 @@ def test_each_member_scores_what_run_trial_gives(method, resources):
 def test_a_population_on_cuda_scores_what_run_trial_gives_there(method, resources):
     # The members' learning rates, momenta, weights and ratios are [K] tensors: on the
     # parameters' device, or a CUDA population fails on its first step.
+    # The resources were loaded for the CPU: a prompt learner's text tower, which no method
+    # owns, follows the prompts to the device.
     cuda = [{**config, "device": "cuda"} for config in configs(method)]
-    results = run_population(cuda, resources)
-    for config, result in zip(cuda, results, strict=True):
-        alone = run_trial(config, resources)
-        for key in METRICS:
-            assert result[key] == pytest.approx(alone[key], abs=1e-4), (method, key)
+    try:
+        results = run_population(cuda, resources)
+        for config, result in zip(cuda, results, strict=True):
+            alone = run_trial(config, resources)
+            for key in METRICS:
+                assert result[key] == pytest.approx(alone[key], abs=1e-4), (method, key)
+    finally:
+        resources.backbone.model.to("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["croft", "coop"])
+def test_features_living_on_cuda_score_as_on_the_cpu(method, resources):
+    def on_cuda(split):
+        return dataclasses.replace(split, **{
+            name: value.cuda() for name, value in vars(split).items()
+            if isinstance(value, torch.Tensor)
+        })  # fmt: skip
+
+    moved = dataclasses.replace(
+        resources, splits={name: on_cuda(split) for name, split in resources.splits.items()}
+    )
+    cuda = {**configs(method)[0], "device": "cuda"}
+    try:
+        expected = run_trial(cuda, resources)  # features on the CPU, the trial on CUDA
+        for result in (run_trial(cuda, moved), run_population([cuda, cuda], moved)[1]):
+            for key in METRICS:
+                assert result[key] == pytest.approx(expected[key], abs=1e-4), (method, key)
+    finally:
+        resources.backbone.model.to("cpu")
 
 
 @pytest.mark.parametrize(

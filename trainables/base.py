@@ -255,7 +255,8 @@ class Method(nn.Module):
 
     def targets(self, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Training targets of the batch; PLP replaces ground truth with pseudo-labels.
-        ``index`` are the rows of the batch in the training set."""
+        ``index`` are the rows of the batch in the training set. Row by row: a population
+        asks once for every row and indexes the answer for each batch."""
         return labels
 
     @classmethod

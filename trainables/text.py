@@ -81,6 +81,15 @@ class FrozenTextEncoder(nn.Module):
     def tower(self) -> nn.Module:
         return self._tower[0]
 
+    def _tower_on(self, device: torch.device) -> nn.Module:
+        """The tower, moved to ``device`` first where it is elsewhere: a method moved to a
+        device does not move the tower it does not own (resources loaded for the CPU, a
+        trial on CUDA). The backbone sharing the tower then lives there too."""
+        tower = self.tower
+        if tower.positional_embedding.device != device:
+            tower.to(device)
+        return tower
+
     @property
     def width(self) -> int:
         return self.tower.token_embedding.weight.shape[1]
@@ -121,7 +130,8 @@ class FrozenTextEncoder(nn.Module):
         locate the pooled position (and the padding, for towers that mask it). A `causal`
         encoder may be given the ``length`` of the positions that matter, one past the
         last pooled one (`pooled_positions`): the rest, padding, is not computed."""
-        tower = self.tower
+        tower = self._tower_on(embeddings.device)
+        tokens = tokens.to(embeddings.device)
         if length is not None and self.causal:
             embeddings, tokens = embeddings[..., :length, :], tokens[..., :length]
         cast_dtype = tower.transformer.get_cast_dtype()
@@ -161,7 +171,7 @@ class FrozenTextEncoder(nn.Module):
         ``w`` positions, where its attention costs a small share of its linear layers."""
         if not self.causal:
             raise ValueError("forward_shared needs a causal encoder read at end-of-text")
-        tower = self.tower
+        tower = self._tower_on(start.device)
         cast_dtype = tower.transformer.get_cast_dtype()
         lead, (shared, width) = start.shape[:-2], start.shape[-2:]
         prompts, own = rest.shape[-3], rest.shape[-2]

@@ -3,6 +3,8 @@ score, and the validation and test metrics of the protocol in `croft_search.sele
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from croft_search.features import SplitFeatures
@@ -33,6 +35,7 @@ def predict(
         return empty, empty
     groups = [torch.arange(len(features))]
     if domains is not None and method.batch_dependent:
+        domains = domains.cpu()
         groups = [torch.nonzero(domains == d).flatten() for d in torch.unique(domains)]
     logits: list[tuple[torch.Tensor, torch.Tensor]] = []
     embeddings: list[torch.Tensor] = []
@@ -54,6 +57,18 @@ def _device(method: Method) -> torch.device:
     return torch.device("cpu")
 
 
+# Evaluation combines `predict`'s outputs, on the CPU, with these: features may live on
+# a device, their labels and indices are brought to the CPU.
+_SPLIT_LABELS = ("train_labels", "train_domains", "val_labels", "val_domains", "test_labels",
+                 "test_open_set_ids", "test_open_classes")  # fmt: skip
+
+
+def _labels_on_cpu(split: SplitFeatures) -> SplitFeatures:
+    moved = {name: getattr(split, name) for name in _SPLIT_LABELS}
+    moved = {name: value.cpu() for name, value in moved.items() if value is not None}
+    return dataclasses.replace(split, **moved)
+
+
 def build_score(method: Method, name: str | None, train: TrainData) -> OODScore:
     """The OOD score ``name`` (the method's default when None), fitted where it needs the
     training embeddings (KNN, Mahalanobis); a score of CLIP's cosines gets the model's
@@ -63,7 +78,7 @@ def build_score(method: Method, name: str | None, train: TrainData) -> OODScore:
     score = get_score(name, **params)
     if score.needs_fit:
         _, embeddings = predict(method, train.clean, train.domains)
-        score.fit(embeddings, train.labels)
+        score.fit(embeddings, train.labels.cpu())
     return score
 
 
@@ -94,6 +109,7 @@ def reference_knn_bank(split: SplitFeatures, seed: int) -> TrainData:
 
 
 def validation_accuracy(method: Method, split: SplitFeatures) -> float:
+    split = _labels_on_cpu(split)
     logits, _ = predict(method, split.val, split.val_domains)
     return accuracy(logits, split.val_labels)
 
@@ -157,6 +173,7 @@ def evaluate(
     (`croft_search.contract.EVAL_PROTOCOLS`; validation always follows ours, so selection
     never changes)."""
     metrics: dict[str, float] = {}
+    split = _labels_on_cpu(split)
     logits, embeddings = predict(method, split.val, split.val_domains)
     metrics["val_acc"] = accuracy(logits, split.val_labels)
     for index, domain in enumerate(split.domains):

@@ -292,6 +292,7 @@ def population_epochs(
         step = vmap(step, randomness="error")
     generators = [torch.Generator().manual_seed(hp["seed"]) for hp in hps]
     members = list(range(len(methods)))  # whom the stacks' rows hold, in order
+    pool = _TrainingPool.of(methods, datas, device)
     n, n_views = datas[0].views.shape[:2]
     for epoch in range(hp0["epochs"]):
         if not all(bool(active[k]) for k in members):
@@ -311,24 +312,19 @@ def population_epochs(
         totals: dict[str, torch.Tensor] = {}
         steps = 0
         streams = [epoch_batches(generators[k], n, n_views, epoch, hp0) for k in members]
+        rows_of = torch.tensor(members, device=device)
         for batches in zip(*streams, strict=True):
-            drawn = [(methods[k], datas[k], batch)
-                     for k, batch in zip(members, batches, strict=True)]  # fmt: skip
-            features = torch.stack([d.views[i, v] for _, d, (i, v) in drawn])
-            labels = torch.stack([m.targets(d.labels[i], i) for m, d, (i, _) in drawn])
-            domains = torch.stack([d.domains[i] for _, d, (i, _) in drawn])
+            features, labels, domains = pool.batch(rows_of, batches)
             # vmap has no batching rule for the fused CPU attention kernel and would loop over
             # the members in a prompt learner's text encoder; the math kernel batches.
             with nullcontext() if broadcasts else sdpa_kernel([SDPBackend.MATH]):
                 losses, parts, updates, grads = step(trained, frozen, buffers, values,
-                                                     features.to(device), labels.to(device),
-                                                     domains.to(device))  # fmt: skip
+                                                     features, labels, domains)  # fmt: skip
             finite = torch.isfinite(losses.detach())
             if not bool(finite.all()):
                 bad = int(torch.nonzero(~finite)[0])
-                raise TrainingDiverged(
-                    f"member {members[bad]}: loss became {float(losses[bad])} in epoch {epoch}"
-                )
+                loss, member = float(losses[bad].detach()), members[bad]
+                raise TrainingDiverged(f"member {member}: loss became {loss} in epoch {epoch}")
             by_autograd = [name for name in trained if name not in grads]
             if by_autograd:
                 found = torch.autograd.grad(losses.sum(), [trained[n] for n in by_autograd])
@@ -346,6 +342,42 @@ def population_epochs(
             means = {key: float(value[row]) / steps for key, value in totals.items()}
             logs[k] = {"epoch": epoch, "lr": rates[row], **means}
         yield logs
+
+
+@dataclass
+class _TrainingPool:
+    """Every member's training set stacked on the device: ``views`` [K, n, V, d],
+    ``targets`` and ``domains`` [K, n], so that a step gathers all members' batches in one
+    indexing operation, not K (on a GPU, K kernel launches and index copies a step)."""
+
+    views: torch.Tensor
+    targets: torch.Tensor
+    domains: torch.Tensor
+
+    @classmethod
+    def of(cls, methods: Sequence[Method], datas: Sequence[TrainData],
+           device: torch.device) -> _TrainingPool:  # fmt: skip
+        if len({tuple(d.views.shape) for d in datas}) != 1:
+            # Members share shots, dataset and target: their subsets differ in rows only.
+            raise RuntimeError("a population's members need training sets of one shape")
+        every = torch.arange(len(datas[0]))
+        targets = [m.targets(d.labels, every) for m, d in zip(methods, datas, strict=True)]
+        return cls(
+            torch.stack([d.views.to(device) for d in datas]),
+            torch.stack([target.to(device) for target in targets]),
+            torch.stack([d.domains.to(device) for d in datas]),
+        )
+
+    def batch(self, members: torch.Tensor, drawn: Sequence[tuple[torch.Tensor, torch.Tensor]]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Features [K', B, d], targets and domains [K', B] of the batches ``drawn`` (each
+        member's rows and views, `epoch_batches`) for the pool's rows ``members`` [K']."""
+        device = self.views.device
+        rows = torch.stack([index for index, _ in drawn]).to(device)
+        views = torch.stack([view for _, view in drawn]).to(device)
+        members = members[:, None]
+        return (self.views[members, rows, views], self.targets[members, rows],
+                self.domains[members, rows])  # fmt: skip
 
 
 def _write_back(methods: Sequence[Method], state: Mapping[str, torch.Tensor]) -> None:
