@@ -323,12 +323,12 @@ def test_halving_holds_members_to_what_earlier_trials_reached_at_the_rung(resour
 
 
 def test_a_stopped_member_leaves_the_program_with_the_weights_it_had(resources):
-    """Halving takes a member out between epochs: it gets no more log rows, its module
-    keeps the weights of the epoch it stopped after, and the others go on as alone."""
+    """Halving takes a member out after an epoch it reads (a rung): it gets no more log
+    rows, its module keeps the weights of that epoch, and the others go on as alone."""
     members = [built(c, resources) for c in configs("croft")]
     active = torch.ones(len(members), dtype=torch.bool)
     epochs = population_epochs([m for m, _, _ in members], [d for _, d, _ in members],
-                               [h for _, _, h in members], active)  # fmt: skip
+                               [h for _, _, h in members], active, read_after=(1,))  # fmt: skip
     logs = [next(epochs)]
     active[1] = False
     logs += list(epochs)

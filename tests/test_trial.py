@@ -14,7 +14,13 @@ from torch import nn
 from croft_search.backbones import load_backbone
 from croft_search.errors import ConfigError
 from croft_search.train import main as train_main
-from croft_search.trial.loop import TrainingDiverged, build_optimizer, fusable, learning_rate
+from croft_search.trial.loop import (
+    TrainingDiverged,
+    build_optimizer,
+    epoch_batches,
+    fusable,
+    learning_rate,
+)
 from croft_search.trial.runner import TrialResources, run_trial
 from trainables.base import HParam, Method
 from trainables.registry import get_method, register_method, resolve_hparams
@@ -300,3 +306,28 @@ def test_a_method_cannot_take_a_trial_setting_name(name):
     Clashing.name = f"_test_clash_{name}"
     with pytest.raises(ConfigError, match=f"declares hyper-parameter.s. {name}, names of trial"):
         register_method(Clashing)
+
+
+@pytest.mark.parametrize(
+    "n, batch_size, drop_last, view_order",
+    [(50, 8, False, "random"), (50, 8, True, "random"), (7, 8, True, "random"),
+     (50, 16, False, "epoch")],
+)  # fmt: skip
+def test_an_epoch_draws_its_shuffle_then_each_batchs_views(n, batch_size, drop_last, view_order):
+    """The loop's draws, batch by batch as Dassl's loader makes them: a permutation of the
+    rows, then each batch's views from the same generator, epoch after epoch."""
+    hp = {"batch_size": batch_size, "drop_last": drop_last, "view_order": view_order}
+    got = torch.Generator().manual_seed(5)
+    want = torch.Generator().manual_seed(5)
+    for epoch in range(3):
+        batches = list(epoch_batches(got, n, 4, epoch, hp))
+        order = torch.randperm(n, generator=want)
+        starts = range(0, n - n % batch_size if drop_last and n >= batch_size else n, batch_size)
+        assert len(batches) == len(starts) > 0
+        for (rows, views), start in zip(batches, starts, strict=True):
+            expected = order[start : start + batch_size]
+            assert torch.equal(rows, expected)
+            if view_order == "epoch":
+                assert torch.equal(views, torch.full_like(expected, epoch % 4))
+            else:
+                assert torch.equal(views, torch.randint(4, (len(expected),), generator=want))

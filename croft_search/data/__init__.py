@@ -5,7 +5,7 @@ from croft_search.data import catalog as _catalog  # noqa: F401  (registers buil
 from croft_search.data.base import DomainSplit, OpenSet, Sample
 from croft_search.data.digits import build_digits, pretrain_corpus
 from croft_search.data.domain_split import load_domain_split
-from croft_search.data.fewshot import SHOTS_PER, sample_few_shot, sample_shots
+from croft_search.data.fewshot import SHOTS_PER, positions, sample_few_shot, sample_shots
 from croft_search.data.fingerprint import dataset_fingerprint
 from croft_search.data.images import load_image
 from croft_search.data.open_set import OPEN_SET_LABEL, id_classes_in, load_open_set
@@ -33,6 +33,7 @@ __all__ = [
     "pretrain_corpus",
     "register_dataset",
     "sample_few_shot",
+    "positions",
     "sample_shots",
     "SHOTS_PER",
 ]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -24,19 +25,44 @@ def sample_few_shot(
     other domains' picks alone), and a group's k-shot pick is the first k of one seeded
     permutation, so the 4-shot subset is inside the 8-shot subset of the same seed.
     """
-    ordered = sorted(samples, key=_sort_key)
+    ordered, rank = _ordering(tuple(samples))
     if shots is None or shots <= 0:
-        return tuple(ordered)
-    groups: dict[tuple[int, str], list[Sample]] = defaultdict(list)
-    for sample in ordered:
-        groups[(sample.label, sample.domain if per_domain else "")].append(sample)
+        return ordered
     chosen: list[Sample] = []
-    for key in sorted(groups):
-        members = groups[key]
+    for key, members in _groups(ordered, per_domain):
         rng = np.random.default_rng([seed, _stable_hash(key)])
         picks = rng.permutation(len(members))[:shots]
         chosen.extend(members[index] for index in sorted(picks))
-    return tuple(sorted(chosen, key=_sort_key))
+    return tuple(sorted(chosen, key=rank.__getitem__))
+
+
+def positions(samples: Sequence[Sample]) -> Mapping[Sample, int]:
+    """Where each sample is in ``samples`` (kept for the last few sets asked about: every
+    member of a population asks about the same training set)."""
+    return _positions(tuple(samples))
+
+
+@functools.lru_cache(maxsize=16)
+def _positions(samples: tuple[Sample, ...]) -> dict[Sample, int]:
+    return {sample: index for index, sample in enumerate(samples)}
+
+
+@functools.lru_cache(maxsize=16)
+def _ordering(samples: tuple[Sample, ...]) -> tuple[tuple[Sample, ...], dict[Sample, int]]:
+    """The samples in their canonical order, and each one's rank in it."""
+    ordered = tuple(sorted(samples, key=_sort_key))
+    return ordered, _positions(ordered)
+
+
+@functools.lru_cache(maxsize=16)
+def _groups(
+    ordered: tuple[Sample, ...], per_domain: bool
+) -> tuple[tuple[tuple[int, str], tuple[Sample, ...]], ...]:
+    """The (label, domain or "") groups of canonically ordered samples, in key order."""
+    groups: dict[tuple[int, str], list[Sample]] = defaultdict(list)
+    for sample in ordered:
+        groups[(sample.label, sample.domain if per_domain else "")].append(sample)
+    return tuple((key, tuple(groups[key])) for key in sorted(groups))
 
 
 def _sort_key(sample: Sample) -> tuple[str, int, str]:

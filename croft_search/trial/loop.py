@@ -59,21 +59,29 @@ def fusable(params: list[torch.Tensor]) -> bool:
     )
 
 
+def epoch_draws(
+    generator: torch.Generator, n: int, n_views: int, epoch: int, hp: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch's draws from ``generator``: the shuffled rows of the ``n`` training images
+    that the epoch's batches hold (all, or whole batches only with ``drop_last``) and one
+    augmented view per row. Drawn as every loop draws them: the permutation, then the
+    views, one per row in batch order (a population's members draw from their own)."""
+    order = torch.randperm(n, generator=generator)
+    end = n - n % hp["batch_size"] if hp["drop_last"] and n >= hp["batch_size"] else n
+    if hp["view_order"] == "epoch":
+        views = torch.full((end,), epoch % n_views, dtype=torch.long)
+    else:
+        views = torch.randint(n_views, (end,), generator=generator)
+    return order[:end], views
+
+
 def epoch_batches(
     generator: torch.Generator, n: int, n_views: int, epoch: int, hp: dict[str, Any]
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(rows, view of each row) of every mini-batch of one epoch: a fresh shuffle of the
-    ``n`` training images, one augmented view per image and step, drawn from ``generator``
-    in the order every loop draws them (a population's members draw from their own)."""
-    order = torch.randperm(n, generator=generator)
-    end = n - n % hp["batch_size"] if hp["drop_last"] and n >= hp["batch_size"] else n
-    for start in range(0, end, hp["batch_size"]):
-        index = order[start : start + hp["batch_size"]]
-        if hp["view_order"] == "epoch":
-            view = torch.full((index.shape[0],), epoch % n_views, dtype=torch.long)
-        else:
-            view = torch.randint(n_views, (index.shape[0],), generator=generator)
-        yield index, view
+    """(rows, view of each row) of every mini-batch of one epoch (`epoch_draws`)."""
+    order, views = epoch_draws(generator, n, n_views, epoch, hp)
+    for start in range(0, len(order), hp["batch_size"]):
+        yield order[start : start + hp["batch_size"]], views[start : start + hp["batch_size"]]
 
 
 def train_epochs(method: Method, data: TrainData, hp: dict[str, Any]) -> Iterator[dict[str, float]]:

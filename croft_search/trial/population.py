@@ -33,7 +33,7 @@ written for populations yet.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -46,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from croft_search.errors import ConfigError
 from croft_search.selection import objective
 from croft_search.trial.evaluate import build_score, evaluate
-from croft_search.trial.loop import TrainingDiverged, epoch_batches, learning_rate
+from croft_search.trial.loop import TrainingDiverged, epoch_draws, learning_rate
 from croft_search.trial.runner import (
     TrialResources,
     build_method,
@@ -188,7 +188,9 @@ def run_population(
     active = torch.ones(len(members), dtype=torch.bool)
     stopped: dict[int, dict[str, Any]] = {}
     reached: list[dict[int, float]] = [{} for _ in members]
-    streams = [population_epochs(methods, datas, hps, active) for _, _, datas, methods in runs]
+    rungs = () if halving is None else halving.rungs
+    streams = [population_epochs(methods, datas, hps, active, rungs)
+               for _, _, datas, methods in runs]  # fmt: skip
     epochs_run = 0
     for epochs_run, _ in enumerate(_lockstep(streams), start=1):
         if halving is None or epochs_run not in halving.rungs:
@@ -259,13 +261,16 @@ def population_epochs(
     datas: Sequence[TrainData],
     hps: Sequence[dict[str, Any]],
     active: torch.Tensor,
+    read_after: Collection[int] | None = None,
 ) -> Iterator[list[dict[str, float] | None]]:
     """Train ``methods`` (one method class, one shape) in place as one program, each on its
     own data with its own hyper-parameters, yielding every member's log row after each
-    epoch (as `train_epochs` yields it), with the members' modules holding their weights
-    of that moment. A member whose ``active`` entry the caller sets False between epochs
-    leaves the program: its module keeps the weights it had then, its rows are None from
-    then on, and later epochs cost only the members still training."""
+    epoch (as `train_epochs` yields it). The members' modules hold their weights of that
+    moment after the epoch counts in ``read_after`` (every epoch when None) and after the
+    last: writing K members back costs more than a small model's epoch. A member whose
+    ``active`` entry the caller sets False after such an epoch leaves the program: its
+    module keeps the weights it had then, its rows are None from then on, and later
+    epochs cost only the members still training."""
     for method, hp in zip(methods, hps, strict=True):
         torch.manual_seed(hp["seed"])  # as train_epochs: setup may draw random numbers
         method.setup()
@@ -307,14 +312,16 @@ def population_epochs(
                                        for stack in (frozen, buffers, values))  # fmt: skip
         rates = [learning_rate(epoch, hps[k]) for k in members]
         stepper.set_lr(rates)
-        for k in members:
-            methods[k].train()
+        methods[0].train()  # the module every member's step runs through
         totals: dict[str, torch.Tensor] = {}
         steps = 0
-        streams = [epoch_batches(generators[k], n, n_views, epoch, hp0) for k in members]
+        draws = [epoch_draws(generators[k], n, n_views, epoch, hp0) for k in members]
+        orders = torch.stack([order for order, _ in draws]).to(device)
+        views = torch.stack([view for _, view in draws]).to(device)
         rows_of = torch.tensor(members, device=device)
-        for batches in zip(*streams, strict=True):
-            features, labels, domains = pool.batch(rows_of, batches)
+        for start in range(0, orders.shape[1], hp0["batch_size"]):
+            batch = slice(start, start + hp0["batch_size"])
+            features, labels, domains = pool.batch(rows_of, orders[:, batch], views[:, batch])
             # vmap has no batching rule for the fused CPU attention kernel and would loop over
             # the members in a prompt learner's text encoder; the math kernel batches.
             with nullcontext() if broadcasts else sdpa_kernel([SDPBackend.MATH]):
@@ -336,7 +343,8 @@ def population_epochs(
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().double()
             steps += 1
-        _write_back([methods[k] for k in members], {**trained, **frozen, **buffers})
+        if read_after is None or epoch + 1 in read_after or epoch + 1 == hp0["epochs"]:
+            _write_back([methods[k] for k in members], {**trained, **frozen, **buffers})
         logs: list[dict[str, float] | None] = [None] * len(methods)
         for row, k in enumerate(members):
             means = {key: float(value[row]) / steps for key, value in totals.items()}
@@ -368,16 +376,16 @@ class _TrainingPool:
             torch.stack([d.domains.to(device) for d in datas]),
         )
 
-    def batch(self, members: torch.Tensor, drawn: Sequence[tuple[torch.Tensor, torch.Tensor]]
+    def batch(self, members: torch.Tensor, rows: torch.Tensor, views: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Features [K', B, d], targets and domains [K', B] of the batches ``drawn`` (each
-        member's rows and views, `epoch_batches`) for the pool's rows ``members`` [K']."""
-        device = self.views.device
-        rows = torch.stack([index for index, _ in drawn]).to(device)
-        views = torch.stack([view for _, view in drawn]).to(device)
-        members = members[:, None]
-        return (self.views[members, rows, views], self.targets[members, rows],
-                self.domains[members, rows])  # fmt: skip
+        """Features [K', B, d], targets and domains [K', B] of the pool's rows ``members``
+        [K'], each at its ``rows`` [K', B] and ``views`` [K', B] (`epoch_draws`)."""
+        # index_select of flat rows is several times faster than indexing by three tensors.
+        _, n, n_views, dim = self.views.shape
+        at = members[:, None] * n + rows
+        features = self.views.view(-1, dim).index_select(0, (at * n_views + views).flatten())
+        return (features.view(*rows.shape, dim), self.targets.view(-1)[at],
+                self.domains.view(-1)[at])  # fmt: skip
 
 
 def _write_back(methods: Sequence[Method], state: Mapping[str, torch.Tensor]) -> None:

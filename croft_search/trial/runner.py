@@ -21,7 +21,7 @@ from croft_search.contract import (
     check_setting,
     open_set_names,
 )
-from croft_search.data import get_dataset_spec, sample_shots
+from croft_search.data import get_dataset_spec, positions, sample_shots
 from croft_search.errors import ConfigError
 from croft_search.features import FeatureCache, SplitFeatures
 from croft_search.prompts import class_prompts
@@ -161,7 +161,7 @@ def few_shot_train(
 ) -> TrainData:
     """The seeded k-shot training subset of a split (k per class and source domain, or as
     ``per`` says: `croft_search.data.SHOTS_PER`)."""
-    row = {sample: i for i, sample in enumerate(split.train_samples)}
+    row = positions(split.train_samples)
     chosen = sample_shots(split.train_samples, shots or None, seed, per)
     index = torch.as_tensor([row[s] for s in chosen], dtype=torch.long)
     return TrainData(
