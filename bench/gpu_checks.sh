@@ -6,7 +6,11 @@
 #   3. a short population search on fractional GPUs (--gpus-per-trial 0.25).
 #
 #   OUT=runs/gpu-checks bash bench/gpu_checks.sh
-set -u
+#
+# On an H200 it takes about 4 minutes; it exits non-zero when any part failed or ran out of
+# time (`failed:` names them).
+set -u -o pipefail
+failed=()
 OUT=${OUT:-runs/gpu-checks}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -17,11 +21,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 echo "== population_gpu" | tee -a "$OUT/gpu.txt"
 timeout 150 "$PYTHON" bench/population_gpu.py --json "$OUT/population_gpu.json" 2>&1 \
-    | tee "$OUT/population_gpu.log"
+    | tee "$OUT/population_gpu.log" || failed+=(population_gpu)
 
 echo "== CUDA tests" | tee -a "$OUT/gpu.txt"
-timeout 130 "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda \
-    tests/test_population.py tests/test_scores.py 2>&1 | tee "$OUT/cuda_tests.log"
+timeout 130 "$PYTHON" -m pytest -q -p no:cacheprovider -k "cuda or gpu" \
+    tests/test_population.py tests/test_scores.py 2>&1 | tee "$OUT/cuda_tests.log" \
+    || failed+=(cuda_tests)
 
 echo "== search, --gpus-per-trial 0.25" | tee -a "$OUT/gpu.txt"
 storage=$(mktemp -d)
@@ -30,7 +35,8 @@ storage=$(mktemp -d)
 sampler=$!
 timeout 160 "$PYTHON" -m croft_search.run --gpus-per-trial 0.25 --population 16 \
     --num-samples 64 --storage "$storage" --name gpu-check \
-    --tracking-uri "sqlite:///$storage/mlflow.db" 2>&1 | tee "$OUT/search.log"
+    --tracking-uri "sqlite:///$storage/mlflow.db" 2>&1 | tee "$OUT/search.log" \
+    || failed+=(search)
 kill "$sampler"
 "$PYTHON" - "$storage/croft_digits/gpu-check" <<'EOF' 2>&1 | tee "$OUT/search_trials.txt"
 import sys
@@ -46,3 +52,7 @@ for column in trials.columns:
         print(column, trials[column].astype(str).value_counts().head(8).to_dict())
 print(trials.filter(like="val_").describe().T.to_string())
 EOF
+if ((${#failed[@]})); then
+    echo "failed: ${failed[*]}" | tee -a "$OUT/gpu.txt"
+    exit 1
+fi

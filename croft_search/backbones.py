@@ -86,6 +86,13 @@ class Backbone:
     context_length: int
     device: torch.device
 
+    def to(self, device: torch.device | str) -> Backbone:
+        """Moves the model to ``device``, in place, and records it (encoding sends its
+        inputs there)."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
     @property
     def preprocess_cfg(self) -> dict[str, Any]:
         """open_clip's preprocessing settings for this model (size, mean, std, ...)."""

@@ -122,6 +122,23 @@ def test_each_member_trains_as_it_does_alone(method, resources):
                 assert relative(got[key], value) < 1e-5, (method, got["epoch"], key)
 
 
+@pytest.mark.parametrize("method", ["croft", "plp"])
+def test_members_train_alike_from_one_shared_source_or_their_own_copies(method, resources):
+    """Subsets of one split share its rows in the population's device pool; training sets
+    that say nothing of their source are pooled as they are. Both train alike."""
+    shared = [built(c, resources) for c in configs(method)]
+    own = [built(c, resources) for c in configs(method)]
+    assert all(d.source is shared[0][1].source is not None for _, d, _ in shared)
+    logs = [
+        train_population([m for m, _, _ in members], datas, [h for _, _, h in members])
+        for members, datas in (
+            (shared, [d for _, d, _ in shared]),
+            (own, [dataclasses.replace(d, source=None, rows=None) for _, d, _ in own]),
+        )
+    ]
+    assert logs[0] == logs[1]
+
+
 @pytest.mark.parametrize("method", sorted(BATCHABLE))
 def test_each_member_scores_what_run_trial_gives(method, resources):
     results = run_population(configs(method), resources)
@@ -155,7 +172,7 @@ def test_a_population_on_cuda_scores_what_run_trial_gives_there(method, resource
             for key in METRICS:
                 assert result[key] == pytest.approx(alone[key], abs=1e-4), (method, key)
     finally:
-        resources.backbone.model.to("cpu")
+        resources.backbone.to("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -177,7 +194,7 @@ def test_features_living_on_cuda_score_as_on_the_cpu(method, resources):
             for key in METRICS:
                 assert result[key] == pytest.approx(expected[key], abs=1e-4), (method, key)
     finally:
-        resources.backbone.model.to("cpu")
+        resources.backbone.to("cpu")
 
 
 @pytest.mark.parametrize(
@@ -322,22 +339,26 @@ def test_halving_holds_members_to_what_earlier_trials_reached_at_the_rung(resour
     assert [r["epochs_run"] for r in low] == [r["epochs_run"] for r in free]
 
 
-def test_a_stopped_member_leaves_the_program_with_the_weights_it_had(resources):
+@pytest.mark.parametrize("out", [1, 0])  # 0: the member whose module runs every step
+def test_a_stopped_member_leaves_the_program_with_the_weights_it_had(out, resources):
     """Halving takes a member out after an epoch it reads (a rung): it gets no more log
-    rows, its module keeps the weights of that epoch, and the others go on as alone."""
+    rows, its module keeps the weights of that epoch, in evaluation mode, and the others
+    go on as alone."""
     members = [built(c, resources) for c in configs("croft")]
     active = torch.ones(len(members), dtype=torch.bool)
     epochs = population_epochs([m for m, _, _ in members], [d for _, d, _ in members],
                                [h for _, _, h in members], active, read_after=(1,))  # fmt: skip
     logs = [next(epochs)]
-    active[1] = False
+    active[out] = False
     logs += list(epochs)
-    assert [row is None for row in logs[1]] == [False, True, False]
-    stopped, data, hp = built(configs("croft")[1], resources)
+    assert [row is None for row in logs[1]] == [k == out for k in range(3)]
+    stopped, data, hp = built(configs("croft")[out], resources)
     list(train_epochs(stopped, data, {**hp, "epochs": 1}))
     for name, value in stopped.state_dict().items():
-        torch.testing.assert_close(members[1][0].state_dict()[name], value, rtol=1e-5, atol=1e-6)
-    for k in (0, 2):
+        got = members[out][0].state_dict()[name]
+        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
+    assert not any(method.training for method, _, _ in members)
+    for k in {0, 1, 2} - {out}:
         alone, data, hp = built(configs("croft")[k], resources)
         expected = list(train_epochs(alone, data, hp))
         assert len(expected) == len(logs) > 2

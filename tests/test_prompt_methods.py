@@ -6,6 +6,7 @@ and method-specific structure, never about zero-shot quality."""
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -467,3 +468,16 @@ def test_random_context_start_follows_the_trial_seed(tiny):
     assert not torch.allclose(starts[0], starts[1])
     assert torch.equal(PromptLearner(encoder, names, 4, seed=1).context.detach(), starts[1])
     assert float(starts[1].std()) == pytest.approx(0.02, rel=0.3)
+
+
+def test_the_text_tower_follows_its_prompts_with_the_whole_backbone():
+    """A method moved to a device does not move the tower it shares with the backbone; the
+    encoder moves the backbone there on first use and records it, so that encoding images
+    later sends them to the same device ("meta" stands in for CUDA)."""
+    backbone = copy.deepcopy(load_backbone("tiny-digits", pretrained=None))
+    encoder = FrozenTextEncoder(backbone)
+    tokens = encoder.tokenize(["a photo of the number 1."])
+    features = encoder(encoder.embed_tokens(tokens).to("meta"), tokens)
+    assert features.device.type == "meta" and features.shape == (1, backbone.embed_dim)
+    assert backbone.device == torch.device("meta")
+    assert {p.device.type for p in backbone.model.parameters()} == {"meta"}

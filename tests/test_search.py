@@ -407,6 +407,10 @@ def test_the_default_population_follows_the_hardware_and_the_space(monkeypatch):
     # 80 * 2**30 * 0.25 * 0.5 / (24 * 512 * 512 * 4) = 426.7.
     assert default_population(load_space("croft_digits"), 0.25, 512) == 426
     assert default_population(load_space("croft_digits"), 1.0, 128) == 1024  # the cap
+    # The training views a population puts on the device come first: 8 GiB of them leave
+    # (10 GiB - 8 GiB) / 24 MiB = 85 members.
+    assert default_population(load_space("croft_digits"), 0.25, 512, 8 * 2**30) == 85
+    assert default_population(load_space("croft_digits"), 0.25, 512, 20 * 2**30) == 1
 
 
 def test_a_resumed_search_keeps_the_population_it_started_with(tmp_path, capsys):

@@ -133,12 +133,16 @@ LOOP_HPARAMS: dict[str, HParam] = {
 @dataclass(frozen=True)
 class TrainData:
     """The (few-shot) training set as cached features: ``views`` [N, V, d] augmented views,
-    ``clean`` [N, d] the evaluation view, ``labels`` [N], ``domains`` [N] source-domain ids."""
+    ``clean`` [N, d] the evaluation view, ``labels`` [N], ``domains`` [N] source-domain ids.
+    A subset cut from a larger set may say where from: ``views`` is ``source[rows]``, so
+    that subsets of one source can share its rows (a population's members)."""
 
     views: torch.Tensor
     clean: torch.Tensor
     labels: torch.Tensor
     domains: torch.Tensor
+    source: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)

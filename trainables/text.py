@@ -48,6 +48,7 @@ class FrozenTextEncoder(nn.Module):
         # Stored in a tuple so the frozen tower is not registered as a sub-module: its weights
         # then stay out of state_dict() and parameters() of every method.
         self._tower = (tower,)
+        self._backbone = (backbone,)
         self.tokenizer = backbone.tokenizer
         self.context_length = backbone.context_length
         self.pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
@@ -84,10 +85,10 @@ class FrozenTextEncoder(nn.Module):
     def _tower_on(self, device: torch.device) -> nn.Module:
         """The tower, moved to ``device`` first where it is elsewhere: a method moved to a
         device does not move the tower it does not own (resources loaded for the CPU, a
-        trial on CUDA). The backbone sharing the tower then lives there too."""
+        trial on CUDA). The whole backbone moves, so that it stays on one device."""
         tower = self.tower
         if tower.positional_embedding.device != device:
-            tower.to(device)
+            self._backbone[0].to(device)
         return tower
 
     @property

@@ -6,6 +6,8 @@ import functools
 import zlib
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -25,44 +27,54 @@ def sample_few_shot(
     other domains' picks alone), and a group's k-shot pick is the first k of one seeded
     permutation, so the 4-shot subset is inside the 8-shot subset of the same seed.
     """
-    ordered, rank = _ordering(tuple(samples))
+    canonical = _canonical(tuple(samples))
     if shots is None or shots <= 0:
-        return ordered
+        return canonical.ordered
     chosen: list[Sample] = []
-    for key, members in _groups(ordered, per_domain):
+    for key, members in canonical.groups[per_domain]:
         rng = np.random.default_rng([seed, _stable_hash(key)])
         picks = rng.permutation(len(members))[:shots]
         chosen.extend(members[index] for index in sorted(picks))
-    return tuple(sorted(chosen, key=rank.__getitem__))
+    return tuple(sorted(chosen, key=canonical.rank.__getitem__))
 
 
 def positions(samples: Sequence[Sample]) -> Mapping[Sample, int]:
-    """Where each sample is in ``samples`` (kept for the last few sets asked about: every
-    member of a population asks about the same training set)."""
+    """Where each sample is in ``samples``. Kept for the last few sets asked about (every
+    member of a population asks about the same training set), hence read-only."""
     return _positions(tuple(samples))
 
 
-@functools.lru_cache(maxsize=16)
-def _positions(samples: tuple[Sample, ...]) -> dict[Sample, int]:
-    return {sample: index for index, sample in enumerate(samples)}
+# Every member of a population asks about one training set, once per target domain: a few
+# sets are kept (a lookup hashes the samples once; sorting them again costs far more).
+KEPT_SETS = 4
 
 
-@functools.lru_cache(maxsize=16)
-def _ordering(samples: tuple[Sample, ...]) -> tuple[tuple[Sample, ...], dict[Sample, int]]:
-    """The samples in their canonical order, and each one's rank in it."""
+@functools.lru_cache(maxsize=KEPT_SETS)
+def _positions(samples: tuple[Sample, ...]) -> Mapping[Sample, int]:
+    return MappingProxyType({sample: index for index, sample in enumerate(samples)})
+
+
+@dataclass(frozen=True)
+class _Canonical:
+    """Samples in their canonical order, each one's rank in it, and their groups in key
+    order: by (label, domain) under True, by (label, "") under False."""
+
+    ordered: tuple[Sample, ...]
+    rank: Mapping[Sample, int]
+    groups: Mapping[bool, tuple[tuple[tuple[int, str], tuple[Sample, ...]], ...]]
+
+
+@functools.lru_cache(maxsize=KEPT_SETS)
+def _canonical(samples: tuple[Sample, ...]) -> _Canonical:
     ordered = tuple(sorted(samples, key=_sort_key))
-    return ordered, _positions(ordered)
-
-
-@functools.lru_cache(maxsize=16)
-def _groups(
-    ordered: tuple[Sample, ...], per_domain: bool
-) -> tuple[tuple[tuple[int, str], tuple[Sample, ...]], ...]:
-    """The (label, domain or "") groups of canonically ordered samples, in key order."""
-    groups: dict[tuple[int, str], list[Sample]] = defaultdict(list)
-    for sample in ordered:
-        groups[(sample.label, sample.domain if per_domain else "")].append(sample)
-    return tuple((key, tuple(groups[key])) for key in sorted(groups))
+    groups = {}
+    for per_domain in (True, False):
+        grouped: dict[tuple[int, str], list[Sample]] = defaultdict(list)
+        for sample in ordered:
+            grouped[(sample.label, sample.domain if per_domain else "")].append(sample)
+        groups[per_domain] = tuple((key, tuple(grouped[key])) for key in sorted(grouped))
+    rank = MappingProxyType({sample: index for index, sample in enumerate(ordered)})
+    return _Canonical(ordered, rank, MappingProxyType(groups))
 
 
 def _sort_key(sample: Sample) -> tuple[str, int, str]:
@@ -98,9 +110,10 @@ def sample_shots(
         return sample_few_shot(samples, shots, seed, per_domain=False)
     if shots is not None and 0 < shots <= DASSL_BALANCE_MIN_SHOTS:
         return sample_few_shot(samples, shots, seed, per_domain=False)
-    ordered = sorted(samples, key=_sort_key)
+    canonical = _canonical(tuple(samples))
+    ordered = canonical.ordered
     if shots is None or shots <= 0:
-        return tuple(ordered)
+        return ordered
     by_class: dict[int, list[Sample]] = defaultdict(list)
     by_domain: dict[str, list[Sample]] = defaultdict(list)
     for sample in ordered:
@@ -117,4 +130,4 @@ def sample_shots(
             rng = np.random.default_rng([seed, label, _stable_hash((label, domain))])
             picks = rng.permutation(len(members))[:per_domain]
             chosen.extend(members[index] for index in sorted(picks))
-    return tuple(sorted(chosen, key=_sort_key))
+    return tuple(sorted(chosen, key=canonical.rank.__getitem__))

@@ -127,7 +127,7 @@ def trial_function(
     node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
     recorded = (finished or {}).get(tune.get_context().get_trial_id())
     if device != "cpu" and recorded is None:
-        resources.backbone.model.to(device)
+        resources.backbone.to(device)
     final = run_sampled_trial(
         config, resources, device, lambda row: tune.report({**row, "node": node}), recorded
     )
@@ -490,8 +490,10 @@ def run_search(space: SearchSpace, options: SearchOptions) -> SearchOutcome:
         progress=True,
     )
     if plan.population is None:
+        views = [split.train_views for split in resources.splits.values()]
         plan = replace(plan, population=default_population(
-            plan.space, plan.gpus, resources.backbone.embed_dim))  # fmt: skip
+            plan.space, plan.gpus, resources.backbone.embed_dim,
+            sum(v.numel() * v.element_size() for v in views)))  # fmt: skip
     ray.init(
         address=options.address or LOCAL_RAY,
         include_dashboard=False,

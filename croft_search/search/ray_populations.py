@@ -93,19 +93,23 @@ def check_population_space(space: SearchSpace, size: int) -> None:
         raise ConfigError(f"--population {size}: {refusal}; use --population 1")
 
 
-def default_population(space: SearchSpace, gpus_per_trial: float, embed_dim: int) -> int:
+def default_population(
+    space: SearchSpace, gpus_per_trial: float, embed_dim: int, shared_bytes: int = 0
+) -> int:
     """The population size a search takes without ``--population``: 1 where some of the
     space's trials cannot batch (a variant of an ablation, say: those would train alone and
     the rest in small populations); on a GPU share as many members of ``embed_dim``-wide
-    features as fit in `GPU_MEMORY_USE` of its memory, at most `GPU_POPULATION`; on CPUs
-    `CPU_POPULATION`."""
+    features as fit in `GPU_MEMORY_USE` of its memory once ``shared_bytes`` are there (the
+    training views a population puts on the device, at most every split's), at most
+    `GPU_POPULATION`; on CPUs `CPU_POPULATION`."""
     mixed = next(_refusals(space, [*space.variants] or [None]), None) is not None
     if mixed or space_refusal(space) is not None:
         return 1
     if gpus_per_trial > 0 and torch.cuda.is_available():
         share = torch.cuda.get_device_properties(0).total_memory * min(gpus_per_trial, 1.0)
         member_bytes = MEMBER_MATRICES * embed_dim * embed_dim * 4
-        return max(1, min(GPU_POPULATION, int(share * GPU_MEMORY_USE // member_bytes)))
+        room = share * GPU_MEMORY_USE - shared_bytes
+        return max(1, min(GPU_POPULATION, int(room // member_bytes)))
     return CPU_POPULATION
 
 
@@ -233,7 +237,7 @@ def population_function(
                    for m, row in zip(members, recorded, strict=True)]  # fmt: skip
     else:
         if device != "cpu":
-            resources.backbone.model.to(device)
+            resources.backbone.to(device)
         runs = [{**run_configs(m)[0], "device": device} for m in members]
         trained = None
         try:

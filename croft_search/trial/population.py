@@ -345,6 +345,8 @@ def population_epochs(
             steps += 1
         if read_after is None or epoch + 1 in read_after or epoch + 1 == hp0["epochs"]:
             _write_back([methods[k] for k in members], {**trained, **frozen, **buffers})
+        if members[0] != 0:
+            methods[0].eval()  # stopped: its module only ran the others' steps
         logs: list[dict[str, float] | None] = [None] * len(methods)
         for row, k in enumerate(members):
             means = {key: float(value[row]) / steps for key, value in totals.items()}
@@ -354,11 +356,14 @@ def population_epochs(
 
 @dataclass
 class _TrainingPool:
-    """Every member's training set stacked on the device: ``views`` [K, n, V, d],
-    ``targets`` and ``domains`` [K, n], so that a step gathers all members' batches in one
-    indexing operation, not K (on a GPU, K kernel launches and index copies a step)."""
+    """Every member's training set on the device in one tensor, so that a step gathers all
+    members' batches in one indexing operation, not K (on a GPU, K kernel launches and
+    index copies a step): ``views`` [U, V, d] the rows any member uses, once each where the
+    members' subsets come from one source (`TrainData.rows`), ``at`` [K, n] where each
+    member's rows are in it, ``targets`` and ``domains`` [K, n]."""
 
     views: torch.Tensor
+    at: torch.Tensor
     targets: torch.Tensor
     domains: torch.Tensor
 
@@ -368,24 +373,33 @@ class _TrainingPool:
         if len({tuple(d.views.shape) for d in datas}) != 1:
             # Members share shots, dataset and target: their subsets differ in rows only.
             raise RuntimeError("a population's members need training sets of one shape")
+        source = datas[0].source
+        if source is not None and all(d.source is source and d.rows is not None for d in datas):
+            used, at = torch.unique(torch.stack([d.rows for d in datas]), return_inverse=True)
+            views = source[used]
+        else:
+            views = torch.cat([d.views for d in datas])
+            at = torch.arange(len(views)).view(len(datas), -1)
         every = torch.arange(len(datas[0]))
         targets = [m.targets(d.labels, every) for m, d in zip(methods, datas, strict=True)]
         return cls(
-            torch.stack([d.views.to(device) for d in datas]),
+            views.to(device),
+            at.to(device),
             torch.stack([target.to(device) for target in targets]),
             torch.stack([d.domains.to(device) for d in datas]),
         )
 
     def batch(self, members: torch.Tensor, rows: torch.Tensor, views: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Features [K', B, d], targets and domains [K', B] of the pool's rows ``members``
-        [K'], each at its ``rows`` [K', B] and ``views`` [K', B] (`epoch_draws`)."""
+        """Features [K', B, d], targets and domains [K', B] of the members ``members``
+        [K'] (rows of ``at``), each at its ``rows`` [K', B] and ``views`` [K', B]
+        (`epoch_draws`)."""
         # index_select of flat rows is several times faster than indexing by three tensors.
-        _, n, n_views, dim = self.views.shape
-        at = members[:, None] * n + rows
-        features = self.views.view(-1, dim).index_select(0, (at * n_views + views).flatten())
-        return (features.view(*rows.shape, dim), self.targets.view(-1)[at],
-                self.domains.view(-1)[at])  # fmt: skip
+        _, n_views, dim = self.views.shape
+        members = members[:, None]
+        flat = (self.at[members, rows] * n_views + views).flatten()
+        features = self.views.view(-1, dim).index_select(0, flat).view(*rows.shape, dim)
+        return features, self.targets[members, rows], self.domains[members, rows]
 
 
 def _write_back(methods: Sequence[Method], state: Mapping[str, torch.Tensor]) -> None:

@@ -169,6 +169,8 @@ def few_shot_train(
         clean=split.train_clean[index],
         labels=split.train_labels[index],
         domains=split.train_domains[index],
+        source=split.train_views,
+        rows=index,
     )
 
 
