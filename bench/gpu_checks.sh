@@ -48,7 +48,7 @@ folder = Path(sys.argv[1])
 trials = pd.read_parquet(folder / "trials.parquet")
 print(f"{len(trials)} members recorded in {folder}")
 for column in trials.columns:
-    if any(key in column for key in ("device", "population", "status", "stopped")):
+    if column in ("population", "status"):
         print(column, trials[column].astype(str).value_counts().head(8).to_dict())
 print(trials.filter(like="val_").describe().T.to_string())
 EOF

@@ -126,8 +126,6 @@ def trial_function(
     # Host name alone cannot tell two Ray nodes on one machine apart; the node id can.
     node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
     recorded = (finished or {}).get(tune.get_context().get_trial_id())
-    if device != "cpu" and recorded is None:
-        resources.backbone.to(device)
     final = run_sampled_trial(
         config, resources, device, lambda row: tune.report({**row, "node": node}), recorded
     )

@@ -236,8 +236,6 @@ def population_function(
         results = [run_sampled_trial(m, None, device, _no_report, row)
                    for m, row in zip(members, recorded, strict=True)]  # fmt: skip
     else:
-        if device != "cpu":
-            resources.backbone.to(device)
         runs = [{**run_configs(m)[0], "device": device} for m in members]
         trained = None
         try:
