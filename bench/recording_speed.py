@@ -1,10 +1,12 @@
 """How fast the driver records finished trials: N synthetic trials (a CRoFT config, the
-metrics run_trial reports over four target domains, 20 epochs of curves) fed to a
-`Recorder` on a fresh search folder with a SQLite MLflow store, as the search's driver
-feeds them. Prints trials/s for the whole recording (parquet, Optuna mirror, MLflow);
-the target is at least 20 trials/s.
+metrics run_trial reports over four target domains) fed to a `Recorder` on a fresh search
+folder with a SQLite MLflow store, as the search's driver feeds them: trials one at a
+time with 20 epochs of curves each (``--population 1``), and members of populations of K
+that finish together, without curves, as a population search records them. Prints
+trials/s for the whole recording (parquet, Optuna mirror, MLflow) of each; the target is
+at least 20 a second.
 
-    python bench/recording_speed.py [--trials 200]
+    python bench/recording_speed.py [--trials 200] [--population 32]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def synthetic_result(rng: random.Random) -> dict[str, float]:
     return result | {"objective": rng.random(), "train_seconds": 1.0, "epochs_run": 20.0}
 
 
-def record(trials: int, folder: Path, epochs: int = 20) -> float:
+def record(trials: int, folder: Path, epochs: int = 20, population: int = 1) -> float:
     space = load_space("croft_digits").with_overrides(num_samples=trials)
     create_folder(folder, "bench", space, f"sqlite:///{folder.parent / 'mlflow.db'}", "val", {})
     recorder = Recorder(folder, space, echo=False)
@@ -42,7 +44,17 @@ def record(trials: int, folder: Path, epochs: int = 20) -> float:
         for _ in range(trials)
     ]  # fmt: skip
     started = time.perf_counter()
-    for index, config in enumerate(configs):
+    if population > 1:
+        for first in range(0, trials, population):
+            members = range(first, min(first + population, trials))
+            for index in members:
+                recorder.trial_started(f"p{first:05d}_{index - first}", configs[index])
+            with recorder.together():
+                for index in members:
+                    recorder.trial_finished(f"p{first:05d}_{index - first}", configs[index],
+                                            synthetic_result(rng), node="bench",
+                                            population=f"p{first:05d}")  # fmt: skip
+    for index, config in enumerate(configs if population == 1 else []):
         trial_id = f"t{index:05d}"
         recorder.trial_started(trial_id, config)
         for epoch in range(epochs):
@@ -56,11 +68,14 @@ def record(trials: int, folder: Path, epochs: int = 20) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=200)
+    parser.add_argument("--population", type=int, default=32)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        rate = record(args.trials, Path(tmp) / "search")
-    print(f"recorded {args.trials} trials with 20 epochs each: {rate:.1f} trials/s "
-          f"(target: at least 20)")  # fmt: skip
+    for population in (1, args.population):
+        with tempfile.TemporaryDirectory() as tmp:
+            rate = record(args.trials, Path(tmp) / "search", population=population)
+        what = ("trials one at a time, 20 epochs of curves each" if population == 1
+                else f"members of populations of {population}")  # fmt: skip
+        print(f"recorded {args.trials} {what}: {rate:.1f} trials/s (target: at least 20)")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import sqlalchemy
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -30,7 +31,7 @@ POPULATION_TAG = "croft.population"
 SEARCH_TAG = "croft.search"
 # MLflow caps a param value at 6000 characters; configs never come close, but be safe.
 MAX_PARAM_LENGTH = 6000
-# MLflow's limit on metrics in one log_batch call.
+# MLflow's limit on metrics (and on entries of all kinds) in one log_batch call.
 MAX_METRICS_PER_BATCH = 1000
 # Per-epoch metrics of a running trial reach MLflow at most this often (and when it ends).
 EPOCH_FLUSH_SECONDS = 5.0
@@ -42,6 +43,34 @@ RUN_STATUS = {"ok": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
 # experiment for a GenAI one and open on its overview instead of the runs table.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
+# A SQLite store's connections write-ahead and sync only at checkpoints: a commit that waits
+# for the disk cost more than the rest of a trial's writes, and the driver makes four a
+# trial. Still corruption-safe on power loss (the last commits may roll back, which
+# trials.parquet, written first, and `croft_search.sync` make good); a killed process
+# loses nothing committed.
+SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
+
+
+def _write_ahead(client: MlflowClient) -> None:
+    """`SQLITE_PRAGMAS` on every connection of the client's store where it is SQLite; other
+    stores (a server, another database) are left as they are."""
+    engine = getattr(getattr(client._tracking_client, "store", None), "engine", None)
+    if not isinstance(engine, sqlalchemy.engine.Engine) or engine.dialect.name != "sqlite":
+        return
+    if not sqlalchemy.event.contains(engine, "connect", _sqlite_pragmas):
+        sqlalchemy.event.listen(engine, "connect", _sqlite_pragmas)
+        engine.dispose()  # connections pooled before the listener reconnect with it
+
+
+def _sqlite_pragmas(connection: Any, record: Any) -> None:
+    cursor = connection.cursor()
+    for pragma in SQLITE_PRAGMAS:
+        cursor.execute(pragma)
+    cursor.close()
+
+
+def _params(config: Mapping[str, Any]) -> list[Param]:
+    return [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(config.items())]
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -60,6 +89,7 @@ class SearchTracker:
     def __init__(self, tracking_uri: str | None, experiment: str) -> None:
         try:
             self.client = MlflowClient(tracking_uri=tracking_uri)
+            _write_ahead(self.client)
             found = self.client.get_experiment_by_name(experiment)
             if found is None:
                 self.experiment_id = self.client.create_experiment(
@@ -149,19 +179,22 @@ class SearchTracker:
     def child(self, trial_id: str, config: Mapping[str, Any]) -> str:
         """The child run of ``trial_id``, created with its config as params on first use."""
         if trial_id not in self._children:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{config.get('method', 'trial')}-{trial_id}",
-                tags={
-                    "mlflow.parentRunId": self.parent_run_id or "",
-                    TRIAL_TAG: trial_id,
-                    "method": str(config.get("method", "")),
-                },
-            )
-            params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(config.items())]
-            self.client.log_batch(run.info.run_id, params=params)
-            self._children[trial_id] = run.info.run_id
+            run_id = self._create_child(trial_id, config)
+            self.client.log_batch(run_id, params=_params(config))
         return self._children[trial_id]
+
+    def _create_child(self, trial_id: str, config: Mapping[str, Any]) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{config.get('method', 'trial')}-{trial_id}",
+            tags={
+                "mlflow.parentRunId": self.parent_run_id or "",
+                TRIAL_TAG: trial_id,
+                "method": str(config.get("method", "")),
+            },
+        )
+        self._children[trial_id] = run.info.run_id
+        return run.info.run_id
 
     def log_epoch(
         self, trial_id: str, config: Mapping[str, Any], metrics: Mapping[str, Any]
@@ -193,14 +226,22 @@ class SearchTracker:
         error: str = "",
         population: str = "",
     ) -> str:
-        run_id = self.child(trial_id, config)
-        self._send_epochs(run_id)
+        params: list[Param] = []
+        if trial_id in self._children:
+            run_id = self._children[trial_id]
+            self._send_epochs(run_id)
+        else:  # no curves came first (a population's member): its params go with the rest
+            run_id = self._create_child(trial_id, config)
+            params = _params(config)
         now = int(time.time() * 1000)
         values = [Metric(k, v, now, 0) for k, v in _numeric(metrics).items()]
         tags = [RunTag("status", status)] + ([RunTag("error", error[:5000])] if error else [])
         if population:
             tags.append(RunTag(POPULATION_TAG, population))
-        self.client.log_batch(run_id, metrics=values, tags=tags)
+        if len(params) + len(values) + len(tags) > MAX_METRICS_PER_BATCH:
+            self.client.log_batch(run_id, params=params)
+            params = []
+        self.client.log_batch(run_id, metrics=values, params=params, tags=tags)
         # An ASHA-stopped trial did nothing wrong: KILLED, as MLflow calls a run ended early.
         self.client.set_terminated(run_id, RUN_STATUS.get(status, "FAILED"))
         self._finished.add(trial_id)

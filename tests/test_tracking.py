@@ -81,3 +81,37 @@ def test_child_run_status_follows_the_trial_status(tracker, status, expected):
     run_id = tracker.finish_trial(f"t-{status}", {"method": "croft"}, {"val_acc": 0.5}, status)
     run = MlflowClient(tracker.tracking_uri).get_run(run_id)
     assert run.info.status == expected and run.data.tags["status"] == status
+
+
+@pytest.mark.parametrize("curves", [False, True])
+def test_a_finished_trial_has_its_params_metrics_and_tags_with_or_without_curves(tracker, curves):
+    # A population's member sends everything at its end, in the batch of its metrics.
+    config = {"method": "croft", "lambda1": 2.5, "n_ctx": 0}
+    if curves:
+        tracker.log_epoch("m", config, {"epoch": 0, "val_acc": 0.4})
+    run_id = tracker.finish_trial("m", config, {"val_acc": 0.9, "test_auroc": 0.7}, "ok",
+                                  population="pop1")  # fmt: skip
+    run = MlflowClient(tracker.tracking_uri).get_run(run_id)
+    assert run.data.params == {"method": "croft", "lambda1": "2.5", "n_ctx": "0"}
+    assert run.data.metrics["val_acc"] == 0.9 and run.data.metrics["test_auroc"] == 0.7
+    assert run.data.tags[tracking.POPULATION_TAG] == "pop1"
+    assert run.data.tags[tracking.TRIAL_TAG] == "m" and run.info.status == "FINISHED"
+    assert ("epoch_val_acc" in run.data.metrics) is curves
+
+
+def test_a_trial_with_more_entries_than_one_batch_takes_sends_them_all(tracker):
+    config = {f"p{i:03d}": i for i in range(60)}
+    metrics = {f"m{i:04d}": i / 1000 for i in range(tracking.MAX_METRICS_PER_BATCH - 20)}
+    run_id = tracker.finish_trial("big", config, metrics, "ok")
+    run = MlflowClient(tracker.tracking_uri).get_run(run_id)
+    assert len(run.data.params) == 60 and len(run.data.metrics) == len(metrics)
+
+
+def test_a_sqlite_store_writes_ahead(tmp_path):
+    # Waiting for the disk at every commit made recording slower than a population's members
+    # arrive; a write-ahead log with normal syncs keeps the store corruption-safe.
+    import sqlite3
+
+    SearchTracker(f"sqlite:///{tmp_path / 'w.db'}", "croft_digits").start_parent("s", {}, "", None)
+    with sqlite3.connect(tmp_path / "w.db") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
