@@ -41,9 +41,7 @@ class RandomFeatureBackbone:
 
     embed_dim: int
     identity: str = "random-pacs-shaped"
-
-    def logit_scale(self) -> float:
-        return LOGIT_SCALE
+    logit_scale: float = LOGIT_SCALE
 
 
 def pacs_shaped(dim: int, shots: int, views: int, device: str, seed: int = 0) -> TrialResources:

@@ -24,17 +24,16 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import pickle
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import open_clip
 import torch
-from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from PIL import Image
-from torchvision import transforms
 
 from croft_search.config import model_dir
 from croft_search.contract import DEFAULT_CROP_SCALE, EMBEDDED_BACKBONE, check_setting
@@ -62,8 +61,16 @@ def check_crop_scale(value: object) -> float:
 RANDOM_INIT_SEED = 0
 IDENTITY_HEX_CHARS = 16
 
-if EMBEDDED_BACKBONE not in open_clip.list_models():
-    open_clip.add_model_config(EMBEDDED_CONFIG)
+
+def open_clip_models() -> ModuleType:
+    """open_clip, with the embedded model's config registered. Imported on first use: with
+    torchvision it takes seconds, which a search's worker spends only when it runs a
+    backbone (a prompt learner's text encoder), never for trials on cached features."""
+    import open_clip
+
+    if EMBEDDED_BACKBONE not in open_clip.list_models():
+        open_clip.add_model_config(EMBEDDED_CONFIG)
+    return open_clip
 
 
 def _convert_to_rgb(image: Image.Image) -> Image.Image:
@@ -85,6 +92,7 @@ class Backbone:
     image_size: int
     context_length: int
     device: torch.device
+    logit_scale: float  # CLIP's learned temperature s = exp(logit_scale) (100 for OpenAI's)
 
     def to(self, device: torch.device | str) -> Backbone:
         """Moves the model to ``device``, in place, and records it (encoding sends its
@@ -104,6 +112,8 @@ class Backbone:
         """Augmented view: random resized crop of area fraction ``crop_scale``..1, optional
         horizontal flip, and the same normalisation as the evaluation transform. Flip is
         optional because it changes the meaning of some images (digits, text)."""
+        from torchvision import transforms
+
         cfg = self.preprocess_cfg
         steps: list[Callable] = [
             _convert_to_rgb,
@@ -117,10 +127,6 @@ class Backbone:
             steps.append(transforms.RandomHorizontalFlip())
         steps += [transforms.ToTensor(), transforms.Normalize(mean=cfg["mean"], std=cfg["std"])]
         return transforms.Compose(steps)
-
-    def logit_scale(self) -> float:
-        """CLIP's learned temperature s = exp(logit_scale) (100 for OpenAI models)."""
-        return float(self.model.logit_scale.detach().exp().reshape(-1)[0])
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Raw (not normalised) image features [N, embed_dim] of preprocessed images."""
@@ -145,7 +151,7 @@ class Backbone:
             "embed_dim": self.embed_dim,
             "image_size": self.image_size,
             "context_length": self.context_length,
-            "open_clip_version": open_clip.__version__,
+            "open_clip_version": open_clip_models().__version__,
             "preprocessing": {
                 "size": _jsonable(_height_width(cfg["size"])),
                 "mean": _jsonable(cfg["mean"]),
@@ -158,10 +164,42 @@ class Backbone:
     def _dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    # A backbone travels to a search's workers with the trials' features. Its model,
+    # transform and tokenizer are open_clip's and torchvision's objects, which cannot be
+    # unpickled without importing both (seconds per worker); they travel packed instead and
+    # are unpacked when first used, so a worker whose trials never run the backbone (every
+    # trial on cached features without learned prompts) never imports them.
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any], bytes]]:
+        light = {f.name: self.__dict__[f.name] for f in fields(self) if f.name not in _PACKED}
+        packed = self.__dict__.get("_packed")
+        if packed is None:
+            packed = pickle.dumps(tuple(self.__dict__[name] for name in _PACKED), protocol=5)
+        return _unpickled_backbone, (light, packed)
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for attributes not set: the packed ones, before their first use.
+        packed = self.__dict__.get("_packed")
+        if name not in _PACKED or packed is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        open_clip_models()  # the embedded config, for objects that look it up
+        self.__dict__.update(zip(_PACKED, pickle.loads(packed), strict=True))
+        del self.__dict__["_packed"]
+        return self.__dict__[name]
+
+
+# The fields of a `Backbone` that need open_clip or torchvision to unpickle.
+_PACKED = ("model", "eval_transform", "tokenizer")
+
+
+def _unpickled_backbone(light: dict[str, Any], packed: bytes) -> Backbone:
+    backbone = object.__new__(Backbone)
+    backbone.__dict__.update(light, _packed=packed)
+    return backbone
+
 
 def backbone_names() -> list[str]:
     """Every model name open_clip knows, the embedded `tiny-digits` included."""
-    return list(open_clip.list_models())
+    return list(open_clip_models().list_models())
 
 
 def load_backbone(
@@ -193,7 +231,7 @@ def load_backbone(
             return _load_from_file(name, _embedded_weights_path(), target_device)
         pretrained = _default_tag(name)
 
-    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    tag_cfg = open_clip_models().get_pretrained_cfg(name, pretrained)
     if tag_cfg:
         return _load_from_tag(name, pretrained, tag_cfg, target_device)
 
@@ -204,7 +242,7 @@ def load_backbone(
         raise BackboneError(f"checkpoint path is not a file: {checkpoint}")
     if _looks_like_path(pretrained):
         raise BackboneError(f"checkpoint file not found: {checkpoint}")
-    known_tags = open_clip.list_pretrained_tags_by_model(name)
+    known_tags = open_clip_models().list_pretrained_tags_by_model(name)
     raise BackboneError(
         f"unknown pretrained tag {pretrained!r} for {name} and no such file; "
         f"tags open_clip knows for {name}: {', '.join(known_tags) or 'none'}; "
@@ -215,7 +253,7 @@ def load_backbone(
 def _check_model_name(name: str) -> str:
     # open_clip accepts the old "ViT-B/16" spelling; keep one spelling in identities.
     normalised = name.replace("/", "-")
-    known = open_clip.list_models()
+    known = open_clip_models().list_models()
     if normalised in known:
         return normalised
     close = difflib.get_close_matches(normalised, known, n=5, cutoff=0.5)
@@ -248,7 +286,7 @@ def _embedded_weights_path() -> Path:
 
 
 def _default_tag(name: str) -> str:
-    tags = open_clip.list_pretrained_tags_by_model(name)
+    tags = open_clip_models().list_pretrained_tags_by_model(name)
     if DEFAULT_REAL_TAG in tags:
         return DEFAULT_REAL_TAG
     raise BackboneError(
@@ -270,10 +308,10 @@ def _load_from_tag(name: str, tag: str, tag_cfg: dict[str, Any], device: torch.d
     # OpenAI-trained weights need QuickGELU, which plain configs such as ViT-B-16 lack; the
     # "-quickgelu" twin config builds the right network, and its name keeps these features
     # apart in the cache from a GELU model loaded from the same file by path.
-    model_has_quick_gelu = bool(open_clip.get_model_config(name).get("quick_gelu", False))
+    model_has_quick_gelu = bool(open_clip_models().get_model_config(name).get("quick_gelu", False))
     needs_quick_gelu = bool(tag_cfg.get("quick_gelu", False)) and not model_has_quick_gelu
     model_name = name
-    if needs_quick_gelu and f"{name}-quickgelu" in open_clip.list_models():
+    if needs_quick_gelu and f"{name}-quickgelu" in open_clip_models().list_models():
         model_name, needs_quick_gelu = f"{name}-quickgelu", False
 
     # Download here rather than inside open_clip so that a network failure is told apart
@@ -282,7 +320,7 @@ def _load_from_tag(name: str, tag: str, tag_cfg: dict[str, Any], device: torch.d
     weights_file = _cached_hub_weights(tag_cfg)
     try:
         if weights_file is None:
-            weights_file = open_clip.pretrained.download_pretrained(
+            weights_file = open_clip_models().pretrained.download_pretrained(
                 tag_cfg, cache_dir=str(model_dir())
             )
     except Exception as err:  # every download failure means the same thing to the user
@@ -319,6 +357,8 @@ def _cached_hub_weights(tag_cfg: dict[str, Any]) -> str | None:
         import huggingface_hub
     except ImportError:
         return None
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
     repo_id, filename = os.path.split(hub_location)
     filename = filename or HF_WEIGHTS_NAME
     candidates = [filename]
@@ -371,7 +411,7 @@ def _create(
     quick_gelu: bool = False,
 ) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor]]:
     overrides = preprocess_overrides or {}
-    model, _, eval_transform = open_clip.create_model_and_transforms(
+    model, _, eval_transform = open_clip_models().create_model_and_transforms(
         name,
         pretrained=checkpoint,
         device=device,
@@ -396,7 +436,7 @@ def _assemble(
     device: torch.device,
 ) -> Backbone:
     try:
-        tokenizer = open_clip.get_tokenizer(name, cache_dir=str(model_dir()))
+        tokenizer = open_clip_models().get_tokenizer(name, cache_dir=str(model_dir()))
     except Exception as err:  # HF-hosted tokenizers fail in many ways when offline
         raise BackboneError(
             f"cannot load the tokenizer of {name} (no network?): {type(err).__name__}"
@@ -410,10 +450,11 @@ def _assemble(
         model=model,
         eval_transform=eval_transform,
         tokenizer=tokenizer,
-        embed_dim=int(open_clip.get_model_config(name)["embed_dim"]),
+        embed_dim=int(open_clip_models().get_model_config(name)["embed_dim"]),
         image_size=image_size,
         context_length=int(tokenizer.context_length),
         device=device,
+        logit_scale=float(model.logit_scale.detach().exp().reshape(-1)[0]),
     )
 
 
@@ -456,7 +497,9 @@ def _state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
-def _interpolation_mode(name: str) -> transforms.InterpolationMode:
+def _interpolation_mode(name: str) -> Any:
+    from torchvision import transforms
+
     return {
         "bicubic": transforms.InterpolationMode.BICUBIC,
         "bilinear": transforms.InterpolationMode.BILINEAR,

@@ -35,13 +35,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 import torch
 from open_clip.loss import ClipLoss
 from PIL import Image
 from safetensors.torch import save_file
 
-from croft_search import backbones  # noqa: F401  (registers the tiny-digits model config)
+from croft_search import backbones
 from croft_search.config import data_root
 from croft_search.contract import EMBEDDED_BACKBONE, EMBEDDED_DATASET
 from croft_search.data.digits import pretrain_corpus
@@ -135,7 +134,7 @@ def train_tiny_clip(
 def caption_tokenizer() -> Callable[[list[str]], torch.Tensor]:
     """The tokenizer the captions are trained with: the registered model's, whose context
     length (16) is the one every later user of the model gets from load_backbone."""
-    return open_clip.get_tokenizer(EMBEDDED_BACKBONE)
+    return backbones.open_clip_models().get_tokenizer(EMBEDDED_BACKBONE)
 
 
 @contextlib.contextmanager
@@ -166,7 +165,7 @@ def _train(
     seed: int,
     log: Callable[[dict[str, float]], None] | None,
 ) -> tuple[torch.nn.Module, list[dict[str, float]]]:
-    model, train_transform, _ = open_clip.create_model_and_transforms(
+    model, train_transform, _ = backbones.open_clip_models().create_model_and_transforms(
         EMBEDDED_BACKBONE, pretrained=None, aug_cfg={"scale": CROP_SCALE}
     )
     tokenizer = caption_tokenizer()

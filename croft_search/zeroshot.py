@@ -30,7 +30,7 @@ def zero_shot_report(
     dataset's test open sets, restricted to that domain where the open set records domains."""
     spec = get_dataset_spec(dataset)
     template = template or spec.prompt_template
-    logit_scale = cache.backbone.logit_scale()
+    logit_scale = cache.backbone.logit_scale
     mcm = get_score("mcm", logit_scale=logit_scale)
     report: dict[str, dict[str, float]] = {}
     for domain in spec.target_domains:

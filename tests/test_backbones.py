@@ -67,7 +67,7 @@ def test_random_init_encodes_images_and_texts(tiny: Backbone, image_batch: torch
     assert not image_features.requires_grad and not text_features.requires_grad
     # Raw features: the contract is that callers normalise, so they must not arrive unit-norm.
     assert not torch.allclose(image_features.norm(dim=-1), torch.ones(3))
-    assert tiny.logit_scale() == pytest.approx(1 / 0.07, rel=1e-4)
+    assert tiny.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)
 
 
 def test_model_is_frozen_and_in_eval_mode(tiny: Backbone) -> None:
@@ -284,3 +284,59 @@ def test_describe_is_json_ready(tiny: Backbone) -> None:
     description = json.loads(json.dumps(tiny.describe()))
     assert description["name"] == "tiny-digits" and description["pretrained"] is None
     assert description["preprocessing"]["size"] == [32, 32]
+
+
+# A search ships its backbone to every worker with the features; run in a fresh interpreter,
+# where nothing has imported open_clip yet.
+WORKER_SIDE = """
+import pickle, sys
+from trainables.registry import get_method, method_names
+from croft_search.trial.runner import run_trial
+import croft_search.search.ray_populations  # what a population worker imports
+for name in method_names():
+    get_method(name)
+heavy = [m for m in ("open_clip", "torchvision", "sklearn") if m in sys.modules]
+assert not heavy, f"imported by a worker's modules: {heavy}"
+resources = pickle.loads(sys.stdin.buffer.read())
+fixed = run_trial({"method": "croft", "n_ctx": 0, "epochs": 1, "target_domain": "sketch",
+                   "views": 2}, resources)
+assert "open_clip" not in sys.modules, "a trial on cached features unpacked the backbone"
+prompts = run_trial({"method": "coop", "n_ctx": 4, "epochs": 1, "target_domain": "sketch",
+                     "views": 2}, resources)
+print(fixed["test_acc"], fixed["test_auroc"], prompts["test_acc"], prompts["test_auroc"])
+"""
+
+
+def test_a_shipped_backbone_unpacks_only_when_a_trial_runs_it(digits_root, tmp_path):
+    import pickle
+    import subprocess
+    import sys
+
+    from croft_search.trial.runner import TrialResources, run_trial
+
+    resources = TrialResources.load("digits", ["sketch"], views=2, root=str(digits_root),
+                                    cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    shipped = pickle.dumps(resources)
+    done = subprocess.run([sys.executable, "-c", WORKER_SIDE], input=shipped,
+                          capture_output=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    expected = []
+    for config in ({"method": "croft", "n_ctx": 0}, {"method": "coop", "n_ctx": 4}):
+        result = run_trial({**config, "epochs": 1, "target_domain": "sketch", "views": 2},
+                           resources)  # fmt: skip
+        expected += [result["test_acc"], result["test_auroc"]]
+    assert [float(v) for v in done.stdout.split()] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_packed_backbone_travels_again_packed_and_unpacks_whole(tiny):
+    import pickle
+
+    once = pickle.loads(pickle.dumps(tiny))
+    twice = pickle.loads(pickle.dumps(once))
+    assert "model" not in once.__dict__ and "model" not in twice.__dict__
+    assert twice.logit_scale == tiny.logit_scale and twice.embed_dim == tiny.embed_dim
+    texts = twice.encode_texts(CAPTIONS)
+    torch.testing.assert_close(texts, tiny.encode_texts(CAPTIONS), rtol=0, atol=0)
+    assert "_packed" not in twice.__dict__ and twice.tokenizer is twice.__dict__["tokenizer"]
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        twice.missing  # noqa: B018

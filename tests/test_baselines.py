@@ -68,7 +68,7 @@ def make_context(backbone, train: TrainData, classnames) -> MethodContext:
         template=template,
         make_text_encoder=lambda: FrozenTextEncoder(backbone),
         class_text=backbone.encode_texts(class_prompts(template, classnames)).float(),
-        logit_scale=backbone.logit_scale(),
+        logit_scale=backbone.logit_scale,
         embed_dim=backbone.embed_dim,
         train=train,
         device=torch.device("cpu"),
@@ -86,7 +86,7 @@ def build(name: str, backbone, train_data, train: TrainData | None = None, **ove
 
 
 def zero_shot(backbone, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    return backbone.logit_scale() * F.normalize(features, dim=-1) @ F.normalize(text, dim=-1).T
+    return backbone.logit_scale * F.normalize(features, dim=-1) @ F.normalize(text, dim=-1).T
 
 
 def by_hand_ensemble(backbone, classnames, templates) -> torch.Tensor:

@@ -71,7 +71,7 @@ def digits_context(backbone: Backbone, digits_root: Path) -> MethodContext:
         template=spec.prompt_template,
         make_text_encoder=lambda: FrozenTextEncoder(backbone),
         class_text=class_text.float(),
-        logit_scale=backbone.logit_scale(),
+        logit_scale=backbone.logit_scale,
         embed_dim=backbone.embed_dim,
         train=data,
         device=torch.device("cpu"),

@@ -72,7 +72,7 @@ def test_shipped_model_classifies_digits_zero_shot(shipped: Backbone, digits_roo
         subset = split.test[::stride][:IMAGES_PER_DOMAIN]
         images = torch.stack([shipped.eval_transform(load_image(s.path)) for s in subset])
         text = shipped.encode_texts(class_prompts("a photo of the number {}.", split.classnames))
-        logits = zero_shot_logits(shipped.encode_images(images), text, shipped.logit_scale())
+        logits = zero_shot_logits(shipped.encode_images(images), text, shipped.logit_scale)
         labels = torch.as_tensor([s.label for s in subset])
         correct += int((logits.argmax(dim=-1) == labels).sum())
         total += len(subset)

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
 
 from croft_search.errors import ConfigError
 from trainables.base import HParam, Method, MethodContext
@@ -52,6 +51,10 @@ class LinearProbe(Method):
                 f"the linear probe needs training images of at least two classes, got "
                 f"{len(classes)}; use more shots or another target domain"
             )
+        # scikit-learn takes seconds to import: only a linear probe's setup pays for it, not
+        # every process that looks the methods up.
+        from sklearn.linear_model import LogisticRegression
+
         probe = LogisticRegression(C=self.hp["C"], max_iter=self.hp["max_iter"])
         probe.fit(F.normalize(features.double(), dim=-1).cpu().numpy(), labels.cpu().numpy())
         weight, bias = _class_rows(probe, len(self.context.classnames))
@@ -65,7 +68,7 @@ class LinearProbe(Method):
         return F.normalize(features, dim=-1) @ self.weight.T + self.bias
 
 
-def _class_rows(probe: LogisticRegression, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _class_rows(probe: Any, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Weights [K, d] and biases [K] whose softmax is ``probe.predict_proba``, for all K ID
     classes (scikit-learn only knows the classes it saw)."""
     coef, intercept = probe.coef_, probe.intercept_

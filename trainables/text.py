@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 from croft_search.backbones import Backbone
@@ -147,6 +146,8 @@ class FrozenTextEncoder(nn.Module):
             attn_mask = attn_mask[..., : x.shape[-2], : x.shape[-2]]
         x = tower.transformer(x, attn_mask=attn_mask)
         x = tower.ln_final(x)
+        from open_clip.transformer import text_global_pool  # loaded with the tower itself
+
         return self._project(text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id))
 
     def _project(self, pooled: torch.Tensor) -> torch.Tensor:

@@ -201,7 +201,7 @@ def build_method(
         classnames=split.classnames,
         template=resources.template,
         class_text=resources.class_text.to(device),
-        logit_scale=resources.backbone.logit_scale(),
+        logit_scale=resources.backbone.logit_scale,
         embed_dim=resources.backbone.embed_dim,
         train=data,
         device=device,
