@@ -21,10 +21,12 @@ from croft_search.data import (
     load_domain_split,
     load_image,
     load_open_set,
+    positions,
     register_dataset,
     sample_few_shot,
 )
 from croft_search.data import registry as registry_module
+from croft_search.data.fewshot import KEPT_SETS
 from croft_search.errors import ConfigError, DataError
 
 PACS_DOMAINS = ("art_painting", "cartoon", "photo", "sketch")
@@ -489,6 +491,20 @@ def test_few_shot_is_reproducible_and_order_independent() -> None:
     assert sample_few_shot(shuffled, shots=2, seed=7) == first
     assert sample_few_shot(samples, shots=2, seed=8) != first
     assert set(first) <= set(sample_few_shot(samples, shots=5, seed=7))
+
+
+def test_few_shot_picks_of_kept_sets_follow_each_set() -> None:
+    # Sets are kept by identity and by value: more sets than are kept, asked again in turn,
+    # each as the same tuple and as an equal copy, always pick from that set.
+    sets = [tuple(make_samples(per_group=4 + n)) for n in range(KEPT_SETS + 2)]
+    fresh = [sample_few_shot(list(samples), shots=3, seed=1) for samples in sets]
+    for _ in range(2):
+        for samples, expected in zip(sets, fresh, strict=True):
+            assert sample_few_shot(samples, shots=3, seed=1) == expected
+            assert sample_few_shot(tuple(list(samples)), shots=3, seed=1) == expected
+            assert set(expected) <= set(samples)
+            where = positions(samples)
+            assert [where[s] for s in samples] == list(range(len(samples)))
 
 
 # --- fingerprints -----------------------------------------------------------------------

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import zlib
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,26 @@ def positions(samples: Sequence[Sample]) -> Mapping[Sample, int]:
 KEPT_SETS = 4
 
 
-@functools.lru_cache(maxsize=KEPT_SETS)
+def _kept_sets(build: Callable[[tuple[Sample, ...]], Any]) -> Callable[[tuple[Sample, ...]], Any]:
+    """``build`` kept for `KEPT_SETS` sets: found first by identity (a split's own tuple,
+    which every member passes: hashing thousands of samples per member cost more than
+    its few-shot pick), then by value."""
+    by_value = functools.lru_cache(maxsize=KEPT_SETS)(build)
+    recent: deque[tuple[tuple[Sample, ...], Any]] = deque(maxlen=KEPT_SETS)
+
+    @functools.wraps(build)
+    def kept(samples: tuple[Sample, ...]) -> Any:
+        for seen, value in recent:
+            if seen is samples:
+                return value
+        value = by_value(samples)
+        recent.append((samples, value))
+        return value
+
+    return kept
+
+
+@_kept_sets
 def _positions(samples: tuple[Sample, ...]) -> Mapping[Sample, int]:
     return MappingProxyType({sample: index for index, sample in enumerate(samples)})
 
@@ -64,7 +84,7 @@ class _Canonical:
     groups: Mapping[bool, tuple[tuple[tuple[int, str], tuple[Sample, ...]], ...]]
 
 
-@functools.lru_cache(maxsize=KEPT_SETS)
+@_kept_sets
 def _canonical(samples: tuple[Sample, ...]) -> _Canonical:
     ordered = tuple(sorted(samples, key=_sort_key))
     groups = {}
