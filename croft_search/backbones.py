@@ -22,6 +22,7 @@ The embedded model ``tiny-digits`` (``model_configs/tiny-digits.json``) is a sma
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import os
 import pickle
@@ -62,6 +63,7 @@ RANDOM_INIT_SEED = 0
 IDENTITY_HEX_CHARS = 16
 
 
+@functools.cache
 def open_clip_models() -> ModuleType:
     """open_clip, with the embedded model's config registered. Imported on first use: with
     torchvision it takes seconds, which a search's worker spends only when it runs a
