@@ -80,8 +80,8 @@ def resources(digits_root, tmp_path_factory):
                                root=str(digits_root), cache_dir=str(cache))  # fmt: skip
 
 
-def configs(case: str) -> list[dict]:
-    base = {"target_domain": TARGET, "views": 2, **BATCHABLE[case]}
+def configs(case: str, target: str | list[str] = TARGET) -> list[dict]:
+    base = {"target_domain": target, "views": 2, **BATCHABLE[case]}
     own = CROFT_MEMBERS if base["method"] == "croft" else ({},) * len(MEMBERS)
     members = [{**base, **member, **extra} for member, extra in zip(MEMBERS, own, strict=True)]
     if base.get("lambda1") == 0.0:
@@ -89,11 +89,11 @@ def configs(case: str) -> list[dict]:
     return members
 
 
-def built(config: dict, resources: TrialResources):
+def built(config: dict, resources: TrialResources, target: str = TARGET):
     """A member's method and data, built as run_trial builds them."""
     settings, overrides = split_config(config)
     hp = resolve_hparams(settings["method"], overrides, settings["recipe"])
-    split = few_shot_val(resources.splits[TARGET], settings["val_shots"], hp["seed"])
+    split = few_shot_val(resources.splits[target], settings["val_shots"], hp["seed"])
     data = few_shot_train(split, hp["shots"], hp["seed"], settings["shots_per"])
     method = build_method(settings["method"], hp, resources, split, data, torch.device("cpu"))
     return method, data, hp
@@ -388,3 +388,33 @@ def test_halving_over_several_target_domains_ranks_by_their_mean(two_targets):
             assert result[key] == pytest.approx(alone[key], abs=1e-4), (epochs, key)
         if result.get("status") != "stopped":
             assert result["sketch/test_acc"] == pytest.approx(alone["sketch/test_acc"], abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["croft", "croft_prompts", "tip_adapter_f"])
+def test_members_of_different_target_domains_train_in_one_program_as_alone(method, two_targets):
+    """A program may hold members of several target domains (a population's splits train
+    as one): each trains on its own domain's rows as it does alone."""
+    pairs = [(c, t) for t in ("sketch", "painting") for c in configs(method)[:2]]
+    members = [built(c, two_targets, t) for c, t in pairs]
+    assert members[0][1].source is not members[-1][1].source
+    logs = train_population(
+        [m for m, _, _ in members], [d for _, d, _ in members], [h for _, _, h in members]
+    )
+    for (config, target), log in zip(pairs, logs, strict=True):
+        alone, data, hp = built(config, two_targets, target)
+        expected = list(train_epochs(alone, data, hp))
+        assert len(log) == len(expected) > 0
+        for got, want in zip(log, expected, strict=True):
+            for key, value in want.items():
+                assert relative(got[key], value) < 1e-5, (method, target, key)
+
+
+@pytest.mark.parametrize("method", sorted(BATCHABLE))
+def test_each_member_over_several_target_domains_scores_what_run_trial_gives(method, two_targets):
+    members = configs(method, ["sketch", "painting"])
+    results = run_population(members, two_targets)
+    for config, result in zip(members, results, strict=True):
+        alone = run_trial(config, two_targets)
+        for key in ("val_acc", "val_auroc", "sketch/test_acc", "painting/test_auroc",
+                    "painting/test_fpr95"):  # fmt: skip
+            assert result[key] == pytest.approx(alone[key], abs=1e-4), (method, key)

@@ -11,7 +11,9 @@ no parameter, so the
 gradient of the summed loss is each member's own), and one SGD update of the stacked
 tensors with each member's learning rate, momentum and weight decay as a [K] tensor.
 After training the members' weights go back into their modules, which `run_trial`'s own
-evaluation scores, so member k's result is what ``run_trial(config_k)`` gives alone.
+evaluation scores, so member k's result is what ``run_trial(config_k)`` gives alone. A
+member trained on several target domains (one split each, as `run_trial` trains them) is
+one row per domain, and the domains' rows train as one program where they have one shape.
 
 What may differ between members: the loop's ``lr``, ``momentum``, ``weight_decay``,
 ``warmup_lr`` and ``seed`` (`MEMBER_HPARAMS`), and the hyper-parameters a method reads as
@@ -185,17 +187,19 @@ def run_population(
         methods = [build_method(m.settings["method"], m.hp, resources, split, data, device)
                    for m, split, data in zip(members, splits, datas, strict=True)]  # fmt: skip
         runs.append((target, splits, datas, methods))
-    active = torch.ones(len(members), dtype=torch.bool)
     stopped: dict[int, dict[str, Any]] = {}
     reached: list[dict[int, float]] = [{} for _ in members]
     rungs = () if halving is None else halving.rungs
-    streams = [population_epochs(methods, datas, hps, active, rungs)
-               for _, _, datas, methods in runs]  # fmt: skip
+    streams = _streams(runs, len(members))
+    programs = [population_epochs([runs[t][3][k] for t, k in rows],
+                                  [runs[t][2][k] for t, k in rows],
+                                  [hps[k] for _, k in rows], active, rungs)
+                for rows, active in streams]  # fmt: skip
+    live = list(range(len(members)))
     epochs_run = 0
-    for epochs_run, _ in enumerate(_lockstep(streams), start=1):
+    for epochs_run, _ in enumerate(_lockstep(programs), start=1):
         if halving is None or epochs_run not in halving.rungs:
             continue
-        live = [k for k in range(len(members)) if active[k]]
         rows = {k: _validation(members[k], [(s[k], d[k], m[k]) for _, s, d, m in runs])
                 for k in live}  # fmt: skip
         for k in live:
@@ -203,8 +207,11 @@ def run_population(
         kept = halving.survivors(epochs_run, {k: rows[k]["objective"] for k in live})
         for k in live:
             if k not in kept:
-                active[k] = False
                 stopped[k] = {**rows[k], "epochs_run": epochs_run, "status": "stopped"}
+        live = [k for k in live if k in kept]
+        for stream_rows, active in streams:
+            for row, (_, k) in enumerate(stream_rows):
+                active[row] = k in kept
     train_seconds = (time.perf_counter() - started) / len(members)
     results: list[dict[str, Any]] = []
     for k, member in enumerate(members):
@@ -239,6 +246,33 @@ def _lockstep(streams: list) -> Any:
         if all(row is None for row in rows):
             return
         yield rows
+
+
+# Rows of one training program at most, where a member's target domains could join
+# into fewer, larger programs: past this size a larger program gains little per row
+# (bench/population_speed.py), and it only adds to a step's memory.
+ROWS_PER_PROGRAM = 64
+
+
+def _streams(runs: Sequence[tuple], size: int) -> list[tuple[list[tuple[int, int]], torch.Tensor]]:
+    """How the (target domain, member) pairs of ``runs`` train: as programs, each its
+    rows and their `population_epochs` ``active`` flags. A member's target domains are
+    trainings of one shape on different data, so they join one program where their
+    training sets have one shape: a population of K members over four target domains
+    then runs one program of 4K rows rather than four of K (the survivors of successive
+    halving too), up to `ROWS_PER_PROGRAM` rows or K, whichever is more."""
+    shapes: dict[tuple, list[tuple[int, int]]] = {}
+    for t, (_, _, datas, _) in enumerate(runs):
+        for k in range(size):
+            shapes.setdefault(tuple(datas[k].views.shape), []).append((t, k))
+    # Whole target domains per program: K rows each.
+    per_program = max(1, max(size, ROWS_PER_PROGRAM) // size) * size
+    streams = []
+    for rows in shapes.values():
+        for first in range(0, len(rows), per_program):
+            chunk = rows[first : first + per_program]
+            streams.append((chunk, torch.ones(len(chunk), dtype=torch.bool)))
+    return streams
 
 
 def train_population(
@@ -373,10 +407,8 @@ class _TrainingPool:
         if len({tuple(d.views.shape) for d in datas}) != 1:
             # Members share shots, dataset and target: their subsets differ in rows only.
             raise RuntimeError("a population's members need training sets of one shape")
-        source = datas[0].source
-        if source is not None and all(d.source is source and d.rows is not None for d in datas):
-            used, at = torch.unique(torch.stack([d.rows for d in datas]), return_inverse=True)
-            views = source[used]
+        if all(d.source is not None and d.rows is not None for d in datas):
+            views, at = cls._shared_rows(datas)
         else:
             views = torch.cat([d.views for d in datas])
             at = torch.arange(len(views)).view(len(datas), -1)
@@ -388,6 +420,24 @@ class _TrainingPool:
             torch.stack([target.to(device) for target in targets]),
             torch.stack([d.domains.to(device) for d in datas]),
         )
+
+    @staticmethod
+    def _shared_rows(datas: Sequence[TrainData]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows the members' subsets use, once each per source (members of one target
+        domain share its split's rows; a program over several target domains holds each
+        domain's), and where each member's rows are among them, [K, n]."""
+        views, at = [], torch.empty(len(datas), len(datas[0]), dtype=torch.long)
+        sources: dict[int, list[int]] = {}
+        for k, data in enumerate(datas):
+            sources.setdefault(id(data.source), []).append(k)
+        offset = 0
+        for ks in sources.values():
+            rows = torch.stack([datas[k].rows for k in ks])
+            used, where = torch.unique(rows, return_inverse=True)
+            views.append(datas[ks[0]].source[used])
+            at[ks] = where + offset
+            offset += len(used)
+        return torch.cat(views), at
 
     def batch(self, members: torch.Tensor, rows: torch.Tensor, views: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
