@@ -2,9 +2,11 @@
 K members (`croft_search.trial.population`), side by side in one process on one thread:
 trials/min and the speed-up over one at a time, per method. The members differ in seed,
 learning rate, momentum and weight decay (what a population lets differ); every trial
-trains on the digits benchmark's sketch split with the shipped model.
+trains on the digits benchmark's sketch split with the shipped model, or with ``--target
+all`` on its four leave-one-domain-out splits (a member's splits then train as one program).
 
     python bench/population_speed.py [--trials 64] [--sizes 1,4,16,64] [--methods ...]
+                                     [--target all]
 
 A method a population cannot train is listed with the reason instead of figures.
 """
@@ -29,9 +31,9 @@ CASES = {
 }
 
 
-def configs(case: dict, count: int) -> list[dict]:
+def configs(case: dict, count: int, target: str) -> list[dict]:
     return [
-        {**case, "target_domain": "sketch", "seed": index, "lr": 0.0005 * (1 + index % 8),
+        {**case, "target_domain": target, "seed": index, "lr": 0.0005 * (1 + index % 8),
          "momentum": 0.9 if index % 2 else 0.5, "weight_decay": 5e-4 * (index % 3)}
         for index in range(count)
     ]  # fmt: skip
@@ -46,14 +48,18 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--sizes", default="1,4,16,64")
     parser.add_argument("--methods", default=",".join(CASES))
+    parser.add_argument("--target", default="sketch", help="a digits domain, or all")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
     torch.set_num_threads(1)
-    first = split_config({"method": "zsclip", "target_domain": "sketch"})[0]
-    resources = resources_for(first, target_domains("digits", "sketch"))
-    print(f"{args.trials} trials per row, one thread; trials/min (speed-up over run_trial)")
+    first = split_config({"method": "zsclip", "target_domain": args.target})[0]
+    resources = resources_for(first, target_domains("digits", args.target))
+    print(
+        f"{args.trials} trials per row, target {args.target}, one thread; "
+        "trials/min (speed-up over run_trial)"
+    )
     for name in args.methods.split(","):
-        batch = configs(CASES[name], args.trials)
+        batch = configs(CASES[name], args.trials, args.target)
         refusal = population_refusal(batch[0])
         if refusal:
             print(f"{name:16s} not batched: {refusal}")
