@@ -190,11 +190,11 @@ def run_population(
     stopped: dict[int, dict[str, Any]] = {}
     reached: list[dict[int, float]] = [{} for _ in members]
     rungs = () if halving is None else halving.rungs
-    streams = _streams(runs, len(members))
+    layout = _program_rows(runs, len(members))
     programs = [population_epochs([runs[t][3][k] for t, k in rows],
                                   [runs[t][2][k] for t, k in rows],
                                   [hps[k] for _, k in rows], active, rungs)
-                for rows, active in streams]  # fmt: skip
+                for rows, active in layout]  # fmt: skip
     live = list(range(len(members)))
     epochs_run = 0
     for epochs_run, _ in enumerate(_lockstep(programs), start=1):
@@ -209,8 +209,8 @@ def run_population(
             if k not in kept:
                 stopped[k] = {**rows[k], "epochs_run": epochs_run, "status": "stopped"}
         live = [k for k in live if k in kept]
-        for stream_rows, active in streams:
-            for row, (_, k) in enumerate(stream_rows):
+        for program_rows, active in layout:
+            for row, (_, k) in enumerate(program_rows):
                 active[row] = k in kept
     train_seconds = (time.perf_counter() - started) / len(members)
     results: list[dict[str, Any]] = []
@@ -240,7 +240,7 @@ def _validation(member: _Member, splits: Sequence[tuple]) -> dict[str, float]:
 
 
 def _lockstep(streams: list) -> Any:
-    """Advance every target domain's population one epoch at a time."""
+    """Advance every program of a population one epoch at a time."""
     while True:
         rows = [next(stream, None) for stream in streams]
         if all(row is None for row in rows):
@@ -254,7 +254,9 @@ def _lockstep(streams: list) -> Any:
 ROWS_PER_PROGRAM = 64
 
 
-def _streams(runs: Sequence[tuple], size: int) -> list[tuple[list[tuple[int, int]], torch.Tensor]]:
+def _program_rows(
+    runs: Sequence[tuple], size: int
+) -> list[tuple[list[tuple[int, int]], torch.Tensor]]:
     """How the (target domain, member) pairs of ``runs`` train: as programs, each its
     rows and their `population_epochs` ``active`` flags. A member's target domains are
     trainings of one shape on different data, so they join one program where their
@@ -267,12 +269,12 @@ def _streams(runs: Sequence[tuple], size: int) -> list[tuple[list[tuple[int, int
             shapes.setdefault(tuple(datas[k].views.shape), []).append((t, k))
     # Whole target domains per program: K rows each.
     per_program = max(1, max(size, ROWS_PER_PROGRAM) // size) * size
-    streams = []
+    programs = []
     for rows in shapes.values():
         for first in range(0, len(rows), per_program):
             chunk = rows[first : first + per_program]
-            streams.append((chunk, torch.ones(len(chunk), dtype=torch.bool)))
-    return streams
+            programs.append((chunk, torch.ones(len(chunk), dtype=torch.bool)))
+    return programs
 
 
 def train_population(
