@@ -3,10 +3,11 @@ K members (`croft_search.trial.population`), side by side in one process on one 
 trials/min and the speed-up over one at a time, per method. The members differ in seed,
 learning rate, momentum and weight decay (what a population lets differ); every trial
 trains on the digits benchmark's sketch split with the shipped model, or with ``--target
-all`` on its four leave-one-domain-out splits (a member's splits then train as one program).
+all`` on its four leave-one-domain-out splits, where a member's splits train as programs of
+up to ``--rows-per-program`` rows (each value a row of figures; 1: each split apart).
 
     python bench/population_speed.py [--trials 64] [--sizes 1,4,16,64] [--methods ...]
-                                     [--target all]
+                                     [--target all] [--rows-per-program 1,64]
 
 A method a population cannot train is listed with the reason instead of figures.
 """
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from croft_search.trial.population import population_refusal, run_population
+from croft_search.trial.population import ROWS_PER_PROGRAM, population_refusal, run_population
 from croft_search.trial.runner import resources_for, run_trial, split_config, target_domains
 
 # Each benchmarked method with what its trials fix (the issue's three first).
@@ -49,8 +50,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,4,16,64")
     parser.add_argument("--methods", default=",".join(CASES))
     parser.add_argument("--target", default="sketch", help="a digits domain, or all")
+    parser.add_argument("--rows-per-program", default=str(ROWS_PER_PROGRAM))
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
+    layouts = [int(rows) for rows in args.rows_per_program.split(",")]
     torch.set_num_threads(1)
     first = split_config({"method": "zsclip", "target_domain": args.target})[0]
     resources = resources_for(first, target_domains("digits", args.target))
@@ -69,14 +72,17 @@ def main() -> None:
         for config in batch:
             run_trial(config, resources)
         alone = rate(len(batch), time.perf_counter() - started)
-        cells = [f"run_trial {alone:7.1f}"]
-        for size in sizes:
-            started = time.perf_counter()
-            for start in range(0, len(batch), size):
-                run_population(batch[start : start + size], resources)
-            pooled = rate(len(batch), time.perf_counter() - started)
-            cells.append(f"K={size} {pooled:7.1f} ({pooled / alone:4.1f}x)")
-        print(f"{name:16s} " + "  ".join(cells), flush=True)
+        for rows in layouts:
+            cells = [f"run_trial {alone:7.1f}"]
+            for size in sizes:
+                started = time.perf_counter()
+                for start in range(0, len(batch), size):
+                    run_population(batch[start : start + size], resources,
+                                   rows_per_program=rows)  # fmt: skip
+                pooled = rate(len(batch), time.perf_counter() - started)
+                cells.append(f"K={size} {pooled:7.1f} ({pooled / alone:4.1f}x)")
+            label = f"{name} [{rows} rows]" if len(layouts) > 1 else name
+            print(f"{label:16s} " + "  ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

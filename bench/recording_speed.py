@@ -45,24 +45,38 @@ def record(trials: int, folder: Path, epochs: int = 20, population: int = 1) -> 
     ]  # fmt: skip
     started = time.perf_counter()
     if population > 1:
-        for first in range(0, trials, population):
-            members = range(first, min(first + population, trials))
+        _record_populations(recorder, configs, population, rng)
+    else:
+        _record_one_at_a_time(recorder, configs, epochs, rng)
+    recorder.close({"trials": trials})
+    return trials / (time.perf_counter() - started)
+
+
+def _record_populations(recorder: Recorder, configs: list[dict], population: int,
+                        rng: random.Random) -> None:  # fmt: skip
+    """Members that finish together, without curves, as a population search records them."""
+    for first in range(0, len(configs), population):
+        name = f"p{first:05d}"
+        members = range(first, min(first + population, len(configs)))
+        for index in members:
+            recorder.trial_started(f"{name}_{index - first}", configs[index])
+        with recorder.together():
             for index in members:
-                recorder.trial_started(f"p{first:05d}_{index - first}", configs[index])
-            with recorder.together():
-                for index in members:
-                    recorder.trial_finished(f"p{first:05d}_{index - first}", configs[index],
-                                            synthetic_result(rng), node="bench",
-                                            population=f"p{first:05d}")  # fmt: skip
-    for index, config in enumerate(configs if population == 1 else []):
+                result = synthetic_result(rng)
+                recorder.trial_finished(f"{name}_{index - first}", configs[index], result,
+                                        node="bench", population=name)  # fmt: skip
+
+
+def _record_one_at_a_time(recorder: Recorder, configs: list[dict], epochs: int,
+                          rng: random.Random) -> None:  # fmt: skip
+    """Trials one at a time, each with ``epochs`` epochs of curves."""
+    for index, config in enumerate(configs):
         trial_id = f"t{index:05d}"
         recorder.trial_started(trial_id, config)
         for epoch in range(epochs):
             row = {"epoch": epoch, "objective": rng.random(), "val_acc": rng.random(), "lr": 1e-3}
             recorder.trial_epoch(trial_id, config, row)
         recorder.trial_finished(trial_id, config, synthetic_result(rng), node="bench")
-    recorder.close({"trials": trials})
-    return trials / (time.perf_counter() - started)
 
 
 def main() -> None:

@@ -418,3 +418,12 @@ def test_each_member_over_several_target_domains_scores_what_run_trial_gives(met
         for key in ("val_acc", "val_auroc", "sketch/test_acc", "painting/test_auroc",
                     "painting/test_fpr95"):  # fmt: skip
             assert result[key] == pytest.approx(alone[key], abs=1e-4), (method, key)
+
+
+def test_target_domains_apart_or_in_one_program_score_alike(two_targets):
+    members = configs("croft_prompts", ["sketch", "painting"])
+    together = run_population(members, two_targets)
+    apart = run_population(members, two_targets, rows_per_program=1)
+    for joined, alone in zip(together, apart, strict=True):
+        for key in ("val_acc", "val_auroc", "sketch/test_acc", "painting/test_fpr95"):
+            assert joined[key] == pytest.approx(alone[key], abs=1e-4), key

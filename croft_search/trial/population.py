@@ -69,6 +69,11 @@ from trainables.registry import get_method, resolve_hparams
 MEMBER_HPARAMS = ("lr", "momentum", "weight_decay", "warmup_lr", "seed")
 # A member's result key: {rung: validation objective} at each rung it reached.
 RUNG_OBJECTIVES = "rung_objectives"
+# Rows of one training program at most, where a member's target domains join into fewer,
+# larger programs: past this size a larger program gains little per row
+# (bench/population_speed.py --target all --rows-per-program 1,64,128), and it only adds
+# to a step's memory.
+ROWS_PER_PROGRAM = 64
 
 
 def population_key(config: Mapping[str, Any]) -> tuple:
@@ -146,11 +151,14 @@ def run_population(
     configs: Sequence[Mapping[str, Any]],
     resources: TrialResources | None = None,
     halving: Halving | None = None,
+    rows_per_program: int = ROWS_PER_PROGRAM,
 ) -> list[dict[str, Any]]:
     """Train and evaluate the configs as one population; one `run_trial` result each, in
     order, or, for a member ``halving`` stopped, its validation metrics with ``status``
     "stopped"; each also with the objectives it reached at the rungs (`RUNG_OBJECTIVES`).
-    The configs must share a `population_key` and pass `population_refusal`."""
+    The configs must share a `population_key` and pass `population_refusal`. A member's
+    target domains train in programs of up to ``rows_per_program`` rows (or K, if more;
+    1 trains each domain as a program of its own)."""
     if not configs:
         return []
     keys = {population_key(c) for c in configs}
@@ -190,7 +198,7 @@ def run_population(
     stopped: dict[int, dict[str, Any]] = {}
     reached: list[dict[int, float]] = [{} for _ in members]
     rungs = () if halving is None else halving.rungs
-    layout = _program_rows(runs, len(members))
+    layout = _program_rows(runs, len(members), rows_per_program)
     programs = [population_epochs([runs[t][3][k] for t, k in rows],
                                   [runs[t][2][k] for t, k in rows],
                                   [hps[k] for _, k in rows], active, rungs)
@@ -248,27 +256,21 @@ def _lockstep(streams: list) -> Any:
         yield rows
 
 
-# Rows of one training program at most, where a member's target domains could join
-# into fewer, larger programs: past this size a larger program gains little per row
-# (bench/population_speed.py), and it only adds to a step's memory.
-ROWS_PER_PROGRAM = 64
-
-
 def _program_rows(
-    runs: Sequence[tuple], size: int
+    runs: Sequence[tuple], size: int, rows_per_program: int
 ) -> list[tuple[list[tuple[int, int]], torch.Tensor]]:
     """How the (target domain, member) pairs of ``runs`` train: as programs, each its
     rows and their `population_epochs` ``active`` flags. A member's target domains are
     trainings of one shape on different data, so they join one program where their
     training sets have one shape: a population of K members over four target domains
     then runs one program of 4K rows rather than four of K (the survivors of successive
-    halving too), up to `ROWS_PER_PROGRAM` rows or K, whichever is more."""
+    halving too), up to ``rows_per_program`` rows or K, whichever is more."""
     shapes: dict[tuple, list[tuple[int, int]]] = {}
     for t, (_, _, datas, _) in enumerate(runs):
         for k in range(size):
             shapes.setdefault(tuple(datas[k].views.shape), []).append((t, k))
     # Whole target domains per program: K rows each.
-    per_program = max(1, max(size, ROWS_PER_PROGRAM) // size) * size
+    per_program = max(1, max(size, rows_per_program) // size) * size
     programs = []
     for rows in shapes.values():
         for first in range(0, len(rows), per_program):
