@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 
 import optuna
 import pandas as pd
@@ -92,6 +93,7 @@ def test_a_restarted_trial_keeps_only_its_last_attempt(search):
     recorder.trial_restarted("t1")  # its node died
     recorder.trial_epoch("t1", recorded_config(1.0), {"epoch": 0, "objective": 0.4})
     recorder.trial_finished("t1", recorded_config(1.0), OK, attempts=2)
+    recorder.wait()
     runs = live_child_runs(uri, folder)
     history = MlflowClient(uri).get_metric_history(runs["t1"].info.run_id, "epoch_objective")
     assert [m.value for m in history] == [pytest.approx(0.4)]
@@ -182,6 +184,7 @@ def test_mlflow_failing_just_before_the_end_still_gets_every_trial(search, monke
     monkeypatch.setattr(SearchTracker, "finish_trial", flaky)
     recorder = Recorder(folder, space, echo=False)
     record_three(recorder)
+    recorder.wait()
     assert recorder.mlflow.missing(recorder.table) == 1
     recorder.close({"trials": 3})
     runs = live_child_runs(uri, folder)
@@ -231,6 +234,39 @@ def test_trials_that_finish_together_cost_one_write(search):
             assert Recorder.recorded_count(folder) == 0  # not yet written
         assert recorder.trial_finished("p_0", recorded_config(0.0), OK) is False  # still once
     assert Recorder.recorded_count(folder) == 3
+    recorder.wait()
     assert set(live_child_runs(uri, folder)) == {"p_0", "p_1", "p_2"}
     rows = pd.read_parquet(folder / TRIALS_FILE)
     assert rows["mlflow_run_id"].str.len().gt(0).all()
+
+
+def test_recording_returns_before_mlflow_has_written(search, monkeypatch):
+    """The engine's thread (which starts the next trial) does not wait on MLflow: a trial's
+    row and study entry are written when its event returns, its child run after, in order;
+    `wait` waits for MLflow, and the run ids reach trials.parquet."""
+    folder, space, uri = search
+    finish_trial = SearchTracker.finish_trial
+    mlflow_free = threading.Event()
+
+    def held(tracker, *args, **kwargs):
+        assert mlflow_free.wait(timeout=60)
+        return finish_trial(tracker, *args, **kwargs)
+
+    monkeypatch.setattr(SearchTracker, "finish_trial", held)
+    recorder = Recorder(folder, space, echo=False)
+    with recorder.together():
+        for index in range(3):
+            recorder.trial_started(f"p_{index}", recorded_config(float(index)))
+            assert recorder.trial_finished(f"p_{index}", recorded_config(float(index)), OK)
+    frame = pd.read_parquet(folder / TRIALS_FILE)
+    assert frame["trial_id"].tolist() == ["p_0", "p_1", "p_2"]
+    assert set(frame["mlflow_run_id"]) == {""} and len(study_trials(folder)) == 3
+    assert live_child_runs(uri, folder) == {}
+    mlflow_free.set()
+    recorder.wait()
+    runs = live_child_runs(uri, folder)
+    assert {k: r.info.status for k, r in runs.items()} == {f"p_{i}": "FINISHED" for i in range(3)}
+    frame = pd.read_parquet(folder / TRIALS_FILE).set_index("trial_id")
+    assert frame["mlflow_run_id"].to_dict() == {k: r.info.run_id for k, r in runs.items()}
+    recorder.close({"trials": 3})
+    assert set(live_child_runs(uri, folder)) == {"p_0", "p_1", "p_2"}  # none sent twice

@@ -199,7 +199,9 @@ def _ray_classes() -> tuple[type, type, type]:
                 self.recorder.trial_finished(trial_id, config, result, **where)
 
         def on_experiment_end(self, trials, **info) -> None:  # noqa: ANN001
-            self.recorder.table.flush()
+            # Ray calls this however the experiment ends; the search's end opens the folder
+            # afresh, which must find every MLflow write done.
+            self.recorder.wait()
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001
             # Only an error outside the trial's code (its retries spent) reaches here.

@@ -7,7 +7,12 @@ engine's trial id; it keeps every trial exactly once in the three places a searc
 3. MLflow (`croft_search.tracking`): one child run per trial under the search's parent run.
 
 A trial already recorded is never recorded again, so an engine may replay events after a
-resume. MLflow may fail or be unreachable at any moment: the search goes on, the trials it
+resume. MLflow's writes run in order on a thread of their own (`MlflowMirror.submit`): an
+event returns once the trial's row and study entry are written, so the engine's thread,
+which starts the next trial, never waits on MLflow (a child run costs tens of
+milliseconds, a population's members seconds); `Recorder.wait` and `Recorder.close` wait
+for them. A driver killed before they are done leaves rows without runs, which the next
+open sends. MLflow may fail or be unreachable at any moment: the search goes on, the trials it
 missed are sent when it answers again (retried every `MLFLOW_RETRY_SECONDS`), when the
 search ends (retried for `MLFLOW_END_PATIENCE_SECONDS`), or by
 ``python -m croft_search.sync FOLDER``; a run half-written when the driver died is
@@ -19,9 +24,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,13 +137,14 @@ class Recorder:
     ) -> None:
         """One epoch's validation metrics of a running trial (MLflow curves only)."""
         if trial_id not in self.table.by_id:
-            self.mlflow.call(lambda t: t.log_epoch(trial_id, dict(config), dict(metrics)))
+            config, metrics = dict(config), dict(metrics)
+            self.mlflow.submit(lambda t: t.log_epoch(trial_id, config, metrics))
 
     def trial_restarted(self, trial_id: str) -> None:
         """The engine runs the trial again from its start (its node died): the curves of
         the lost attempt are dropped with its child run."""
         if trial_id not in self.table.by_id:
-            self.mlflow.call(lambda t: t.discard_child(trial_id))
+            self.mlflow.submit(lambda t: t.discard_child(trial_id))
 
     def trial_finished(self, trial_id: str, config: Mapping[str, Any],
                        metrics: Mapping[str, Any], **where: Any) -> bool:  # fmt: skip
@@ -163,10 +172,16 @@ class Recorder:
             self.table.deferred = False
             self.table.flush()
 
-    def close(self, summary: Mapping[str, Any]) -> None:
-        """End the search: the table flushed, unrecorded attempts' child runs discarded
-        (trials still running when the last sample's row arrived), the parent finished."""
+    def wait(self) -> None:
+        """Wait for every MLflow write asked for so far; their run ids go into the table."""
+        self.mlflow.wait()
         self.table.flush()
+
+    def close(self, summary: Mapping[str, Any]) -> None:
+        """End the search: MLflow's writes done, the table flushed, unrecorded attempts'
+        child runs discarded (trials still running when the last sample's row arrived),
+        the parent finished."""
+        self.wait()
         self.mlflow.sync_at_end(self.table)
         self.mlflow.call(lambda t: t.discard_unrecorded(self.table.trial_ids))
         self.mlflow.call(lambda t: t.finish_parent(summary))
@@ -183,6 +198,7 @@ class Recorder:
     def _record(self, trial_id: str, config: Mapping[str, Any], metrics: Mapping[str, Any],
                 status: str, error: str, node: str = "", attempts: int = 1,
                 population: str = "") -> bool:  # fmt: skip
+        self.mlflow.collect()
         if trial_id in self.table.by_id or self.is_complete():
             # Recorded before (a replay), or a surplus trial of a resumed search finishing
             # in the same step as the last requested one: its child run is discarded at close.
@@ -195,11 +211,10 @@ class Recorder:
             attempts=attempts, population=population,
         )  # fmt: skip
         self.study.add(trial_id, config, metrics, status)
-        run_id = self.mlflow.call(
-            lambda t: t.finish_trial(trial_id, config, metrics, status, error, population)
+        self.mlflow.submit(
+            lambda t: t.finish_trial(trial_id, config, metrics, status, error, population),
+            lambda run_id: run_id and self.table.set_run_id(trial_id, run_id),
         )
-        if run_id:
-            self.table.set_run_id(trial_id, run_id)
         if self.mlflow.reconnected:
             self.mlflow.sync(self.table)
         if self.echo:
@@ -217,7 +232,9 @@ class MlflowMirror:
 
     A failed call marks MLflow down (one warning); while it is down calls are skipped, and
     the first call after `MLFLOW_RETRY_SECONDS` tries again. `sync` sends every recorded
-    trial that has no ended child run, from its row."""
+    trial that has no ended child run, from its row. `submit` runs a call on the writer
+    thread, after every call submitted before it; `call` runs one now, on the caller's
+    thread (one call at a time either way: the tracker is not shared)."""
 
     def __init__(self, meta: SearchMeta) -> None:
         for key, value in MLFLOW_HTTP_DEFAULTS.items():
@@ -226,7 +243,42 @@ class MlflowMirror:
         self.tracker: SearchTracker | None = None
         self.down_since: float | None = None
         self.reconnected = False
+        self._lock = threading.RLock()
+        self._pending: queue.Queue = queue.Queue()
+        self._done: deque[tuple[Callable[[Any], Any], Any]] = deque()
+        self._writer: threading.Thread | None = None
         self._connect()
+
+    def submit(self, action: Any, on_done: Callable[[Any], Any] | None = None) -> None:
+        """``action(tracker)`` on the writer thread, in the order submitted; ``on_done``
+        gets its result (None where MLflow is down or the call failed) later, on the
+        submitting thread, in `collect` or `wait`."""
+        if self._writer is None:
+            # A daemon: a driver that dies mid-write loses no row, only runs the next open sends.
+            self._writer = threading.Thread(target=self._write, name="mlflow-writer", daemon=True)
+            self._writer.start()
+        self._pending.put((action, on_done))
+
+    def _write(self) -> None:
+        while True:
+            action, on_done = self._pending.get()
+            try:
+                result = self.call(action)
+                if on_done is not None:
+                    self._done.append((on_done, result))
+            finally:
+                self._pending.task_done()
+
+    def collect(self) -> None:
+        """Hand the results of the submitted calls done so far to their ``on_done``."""
+        while self._done:
+            on_done, result = self._done.popleft()
+            on_done(result)
+
+    def wait(self) -> None:
+        """Wait for every submitted call, then `collect`."""
+        self._pending.join()
+        self.collect()
 
     def _connect(self) -> bool:
         try:
@@ -256,6 +308,10 @@ class MlflowMirror:
 
     def call(self, action: Any) -> Any:
         """``action(tracker)``, or None where MLflow is down or the call fails."""
+        with self._lock:
+            return self._call(action)
+
+    def _call(self, action: Any) -> Any:
         if self.tracker is None:
             waited = time.monotonic() - (self.down_since or 0.0)
             if waited < MLFLOW_RETRY_SECONDS or not self._connect():
@@ -273,6 +329,7 @@ class MlflowMirror:
     def sync(self, table: TrialTable) -> int:
         """Send every recorded trial without an ended child run (its config as params, its
         recorded metrics, status and error); returns how many were sent."""
+        self.wait()  # a run still being written is no missing one
         self.reconnected = False
         sent = 0
         for row in table.rows:
