@@ -387,6 +387,27 @@ def test_later_populations_get_the_objectives_earlier_members_reached_at_the_run
     assert search.next_members("c")[RUNG_HISTORY] == [[5, [0.7, 0.6]], [15, [0.8]]]
 
 
+def test_the_last_samples_join_populations_instead_of_trailing_alone():
+    """Once the samples left would not fill a population, the searcher asks them all: from
+    then on each n_ctx of croft_digits is placed in one population, not in trailing
+    small ones (asked one population at a time, 32 samples made populations of 2 and 1)."""
+    space = load_space("croft_digits").with_overrides(num_samples=32)
+    search = PopulationSearch(space, "val", 16, seed=0)
+    placed = [search.next_members("a"), search.next_members("b")]
+    assert search.asked == 32 and len(search.placed["a"]) + len(search.placed["b"]) < 32
+    tail = []
+    while (config := search.next_members(f"t{len(tail)}")) is not None:
+        tail.append(config)
+    placed += tail
+    numbers = sorted(n for trial in search.placed.values() for n in trial)
+    assert numbers == list(range(32))
+    n_ctx = [{member["n_ctx"] for member in config[MEMBERS]} for config in placed]
+    assert all(len(values) == 1 for values in n_ctx)
+    tail_keys = [values.pop() for values in n_ctx[2:]]
+    assert len(tail_keys) == len(set(tail_keys))  # one population per n_ctx once all are asked
+    assert min(len(config[MEMBERS]) for config in placed) > 1
+
+
 def test_trials_started_at_once_follow_the_clusters_cpus_and_gpus():
     """Without --max-concurrent a search runs this many trials together."""
     assert concurrent_slots({"CPU": 2.0}, 1.0, 0.0) == 2

@@ -129,7 +129,11 @@ class PopulationSearch:
 
     def next_members(self, trial_id: str) -> dict[str, Any] | None:
         """The next population's config, or None when every sample is placed."""
-        while len(self.queue) < self.size and self.asked < self.total:
+        # Once the samples left would not fill a population, all of them are asked: they
+        # join the populations placed now instead of trailing as small ones of their own.
+        while self.asked < self.total and (
+            len(self.queue) < self.size or self.total - self.asked < self.size
+        ):
             trial = self.study.ask()
             config = suggest(self.space, trial) | {"selection": self.selection}
             self.queue.append((trial.number, config))
