@@ -241,9 +241,9 @@ def test_trials_that_finish_together_cost_one_write(search):
 
 
 def test_recording_returns_before_mlflow_has_written(search, monkeypatch):
-    """The engine's thread (which starts the next trial) does not wait on MLflow: a trial's
-    row and study entry are written when its event returns, its child run after, in order;
-    `wait` waits for MLflow, and the run ids reach trials.parquet."""
+    """The engine's thread (which starts the next trial) does not wait on the study or
+    MLflow: a trial's row is written when its event returns, its study entry and child run
+    after, in order; `wait` waits for them, and the run ids reach trials.parquet."""
     folder, space, uri = search
     finish_trial = SearchTracker.finish_trial
     mlflow_free = threading.Event()
@@ -260,13 +260,30 @@ def test_recording_returns_before_mlflow_has_written(search, monkeypatch):
             assert recorder.trial_finished(f"p_{index}", recorded_config(float(index)), OK)
     frame = pd.read_parquet(folder / TRIALS_FILE)
     assert frame["trial_id"].tolist() == ["p_0", "p_1", "p_2"]
-    assert set(frame["mlflow_run_id"]) == {""} and len(study_trials(folder)) == 3
+    assert set(frame["mlflow_run_id"]) == {""} and len(study_trials(folder)) < 3
     assert live_child_runs(uri, folder) == {}
     mlflow_free.set()
     recorder.wait()
+    assert len(study_trials(folder)) == 3
     runs = live_child_runs(uri, folder)
     assert {k: r.info.status for k, r in runs.items()} == {f"p_{i}": "FINISHED" for i in range(3)}
     frame = pd.read_parquet(folder / TRIALS_FILE).set_index("trial_id")
     assert frame["mlflow_run_id"].to_dict() == {k: r.info.run_id for k, r in runs.items()}
     recorder.close({"trials": 3})
     assert set(live_child_runs(uri, folder)) == {"p_0", "p_1", "p_2"}  # none sent twice
+
+
+def test_an_error_while_writing_in_the_background_reaches_the_engine(search, monkeypatch):
+    """A study write that raises (a bug, a full disk) is not lost on the writer's thread: the
+    recorder raises it on the engine's thread, at its next event or wait."""
+    folder, space, _ = search
+    recorder = Recorder(folder, space, echo=False)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(recorder.study, "add", broken)
+    recorder.trial_finished("t1", recorded_config(1.0), OK)
+    with pytest.raises(OSError, match="disk full"):
+        recorder.wait()
+    assert pd.read_parquet(folder / TRIALS_FILE)["trial_id"].tolist() == ["t1"]

@@ -7,12 +7,12 @@ engine's trial id; it keeps every trial exactly once in the three places a searc
 3. MLflow (`croft_search.tracking`): one child run per trial under the search's parent run.
 
 A trial already recorded is never recorded again, so an engine may replay events after a
-resume. MLflow's writes run in order on a thread of their own (`MlflowMirror.submit`): an
-event returns once the trial's row and study entry are written, so the engine's thread,
-which starts the next trial, never waits on MLflow (a child run costs tens of
-milliseconds, a population's members seconds); `Recorder.wait` and `Recorder.close` wait
-for them. A driver killed before they are done leaves rows without runs, which the next
-open sends. MLflow may fail or be unreachable at any moment: the search goes on, the trials it
+resume. The study's and MLflow's writes run in order on a thread of their own
+(`BackgroundWriter`): an event returns once the trial's row is written, so the engine's
+thread, which starts the next trial, never waits on SQLite (tens of milliseconds a trial,
+seconds for a population's members); `Recorder.wait` and `Recorder.close` wait for them.
+A driver killed before they are done leaves rows without study entries or runs, which the
+next open adds. MLflow may fail or be unreachable at any moment: the search goes on, the trials it
 missed are sent when it answers again (retried every `MLFLOW_RETRY_SECONDS`), when the
 search ends (retried for `MLFLOW_END_PATIENCE_SECONDS`), or by
 ``python -m croft_search.sync FOLDER``; a run half-written when the driver died is
@@ -103,6 +103,8 @@ class Recorder:
         self.table = TrialTable(self.folder, self.meta.name, space.name)
         self.study = StudyMirror(self.folder, self.meta.name, space)
         self.mlflow = MlflowMirror(self.meta)
+        self.writer = BackgroundWriter()
+        self._held: list | None = None  # writes asked for inside `together`
         self._started: dict[str, float] = {}
         for row in self.table.rows:  # rows a killed driver wrote before their study entry
             self.study.add(row["trial_id"], row_config(row), row, row["status"])
@@ -138,13 +140,15 @@ class Recorder:
         """One epoch's validation metrics of a running trial (MLflow curves only)."""
         if trial_id not in self.table.by_id:
             config, metrics = dict(config), dict(metrics)
-            self.mlflow.submit(lambda t: t.log_epoch(trial_id, config, metrics))
+            self.writer.submit(
+                lambda: self.mlflow.call(lambda t: t.log_epoch(trial_id, config, metrics))
+            )
 
     def trial_restarted(self, trial_id: str) -> None:
         """The engine runs the trial again from its start (its node died): the curves of
         the lost attempt are dropped with its child run."""
         if trial_id not in self.table.by_id:
-            self.mlflow.submit(lambda t: t.discard_child(trial_id))
+            self.writer.submit(lambda: self.mlflow.call(lambda t: t.discard_child(trial_id)))
 
     def trial_finished(self, trial_id: str, config: Mapping[str, Any],
                        metrics: Mapping[str, Any], **where: Any) -> bool:  # fmt: skip
@@ -162,19 +166,24 @@ class Recorder:
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
         """Record several trials that finished together (a population's members) with one
-        write of trials.parquet, when the block ends. A driver killed inside the block
-        leaves their MLflow runs without rows, which the next recorder discards, and the
-        engine runs them again: still once each."""
+        write of trials.parquet, when the block ends; their study entries and runs are
+        asked for after it, so none comes before its row. A driver killed inside the block
+        leaves none of them, and the engine runs them again: still once each."""
         self.table.deferred = True
+        self._held = []
         try:
             yield
         finally:
+            held, self._held = self._held, None
             self.table.deferred = False
             self.table.flush()
+            for action, on_done in held:
+                self.writer.submit(action, on_done)
 
     def wait(self) -> None:
-        """Wait for every MLflow write asked for so far; their run ids go into the table."""
-        self.mlflow.wait()
+        """Wait for every study and MLflow write asked for so far; their run ids go into
+        the table."""
+        self.writer.wait()
         self.table.flush()
 
     def close(self, summary: Mapping[str, Any]) -> None:
@@ -195,10 +204,16 @@ class Recorder:
             )
 
     # ------------------------------------------------------------------ internals
+    def _write(self, action: Any, on_done: Any = None) -> None:
+        if self._held is not None:
+            self._held.append((action, on_done))
+        else:
+            self.writer.submit(action, on_done)
+
     def _record(self, trial_id: str, config: Mapping[str, Any], metrics: Mapping[str, Any],
                 status: str, error: str, node: str = "", attempts: int = 1,
                 population: str = "") -> bool:  # fmt: skip
-        self.mlflow.collect()
+        self.writer.collect()
         if trial_id in self.table.by_id or self.is_complete():
             # Recorded before (a replay), or a surplus trial of a resumed search finishing
             # in the same step as the last requested one: its child run is discarded at close.
@@ -210,12 +225,15 @@ class Recorder:
             trial_id, config, metrics, status, error, node=node, wall_seconds=wall,
             attempts=attempts, population=population,
         )  # fmt: skip
-        self.study.add(trial_id, config, metrics, status)
-        self.mlflow.submit(
-            lambda t: t.finish_trial(trial_id, config, metrics, status, error, population),
+        self._write(lambda: self.study.add(trial_id, config, metrics, status))
+        self._write(
+            lambda: self.mlflow.call(
+                lambda t: t.finish_trial(trial_id, config, metrics, status, error, population)
+            ),
             lambda run_id: run_id and self.table.set_run_id(trial_id, run_id),
         )
-        if self.mlflow.reconnected:
+        if self.mlflow.reconnected and self._held is None:
+            self.writer.wait()  # a run still being written is no missing one
             self.mlflow.sync(self.table)
         if self.echo:
             shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in SHOWN_METRICS if k in metrics)
@@ -227,14 +245,57 @@ class Recorder:
         return True
 
 
+class BackgroundWriter:
+    """Calls run in the order submitted on a daemon thread of their own (a driver that dies
+    mid-write loses no row, only entries the next open adds); each call's result, or the
+    error it raised, comes back on the submitting thread in `collect` or `wait`."""
+
+    def __init__(self) -> None:
+        self._pending: queue.Queue = queue.Queue()
+        self._done: deque[tuple[Callable[[Any], Any] | None, Any, BaseException | None]] = deque()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, action: Callable[[], Any], on_done: Callable[[Any], Any] | None = None
+               ) -> None:  # fmt: skip
+        """Run ``action()`` after every call submitted before; ``on_done`` gets its result."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="recorder-writer", daemon=True)
+            self._thread.start()
+        self._pending.put((action, on_done))
+
+    def _run(self) -> None:
+        while True:
+            action, on_done = self._pending.get()
+            try:
+                self._done.append((on_done, action(), None))
+            except Exception as err:  # noqa: BLE001 - raised again on the submitting thread
+                self._done.append((None, None, err))
+            finally:
+                self._pending.task_done()
+
+    def collect(self) -> None:
+        """Hand the results of the calls done so far to their ``on_done``; a call's error
+        is raised here."""
+        while self._done:
+            on_done, result, error = self._done.popleft()
+            if error is not None:
+                raise error
+            if on_done is not None:
+                on_done(result)
+
+    def wait(self) -> None:
+        """Wait for every submitted call, then `collect`."""
+        self._pending.join()
+        self.collect()
+
+
 class MlflowMirror:
     """The search's MLflow runs, written through a tracker that may fail at any call.
 
     A failed call marks MLflow down (one warning); while it is down calls are skipped, and
     the first call after `MLFLOW_RETRY_SECONDS` tries again. `sync` sends every recorded
-    trial that has no ended child run, from its row. `submit` runs a call on the writer
-    thread, after every call submitted before it; `call` runs one now, on the caller's
-    thread (one call at a time either way: the tracker is not shared)."""
+    trial that has no ended child run, from its row. One call at a time, from whichever
+    thread (the recorder's `BackgroundWriter` or its owner)."""
 
     def __init__(self, meta: SearchMeta) -> None:
         for key, value in MLFLOW_HTTP_DEFAULTS.items():
@@ -244,41 +305,7 @@ class MlflowMirror:
         self.down_since: float | None = None
         self.reconnected = False
         self._lock = threading.RLock()
-        self._pending: queue.Queue = queue.Queue()
-        self._done: deque[tuple[Callable[[Any], Any], Any]] = deque()
-        self._writer: threading.Thread | None = None
         self._connect()
-
-    def submit(self, action: Any, on_done: Callable[[Any], Any] | None = None) -> None:
-        """``action(tracker)`` on the writer thread, in the order submitted; ``on_done``
-        gets its result (None where MLflow is down or the call failed) later, on the
-        submitting thread, in `collect` or `wait`."""
-        if self._writer is None:
-            # A daemon: a driver that dies mid-write loses no row, only runs the next open sends.
-            self._writer = threading.Thread(target=self._write, name="mlflow-writer", daemon=True)
-            self._writer.start()
-        self._pending.put((action, on_done))
-
-    def _write(self) -> None:
-        while True:
-            action, on_done = self._pending.get()
-            try:
-                result = self.call(action)
-                if on_done is not None:
-                    self._done.append((on_done, result))
-            finally:
-                self._pending.task_done()
-
-    def collect(self) -> None:
-        """Hand the results of the submitted calls done so far to their ``on_done``."""
-        while self._done:
-            on_done, result = self._done.popleft()
-            on_done(result)
-
-    def wait(self) -> None:
-        """Wait for every submitted call, then `collect`."""
-        self._pending.join()
-        self.collect()
 
     def _connect(self) -> bool:
         try:
@@ -329,7 +356,6 @@ class MlflowMirror:
     def sync(self, table: TrialTable) -> int:
         """Send every recorded trial without an ended child run (its config as params, its
         recorded metrics, status and error); returns how many were sent."""
-        self.wait()  # a run still being written is no missing one
         self.reconnected = False
         sent = 0
         for row in table.rows:
