@@ -53,6 +53,7 @@ def test_every_trial_is_recorded_once_in_parquet_study_and_mlflow(search):
     record_three(recorder)
     # Replays after a resume, by this recorder and by a fresh one on the same folder.
     assert recorder.trial_finished("t1", recorded_config(1.0), OK) is False
+    recorder.wait()  # one driver at a time: a resumed one starts after the last has stopped
     again = Recorder(folder, space, echo=False)
     assert again.trial_failed("t2", recorded_config(2.0), "other error") is False
     again.close({"trials": 3})
