@@ -5,7 +5,7 @@ time with 20 epochs of curves each (``--population 1``), and members of populati
 that finish together, without curves, as a population search records them. Prints
 trials/s for the whole recording (parquet, Optuna mirror, MLflow) of each, the target
 being at least 20 a second, and how fast the engine's thread (which starts the next
-trial) gets its events back, MLflow's writes running on their own thread.
+trial) gets its events back, the study's and MLflow's writes running on their own thread.
 
     python bench/recording_speed.py [--trials 200] [--population 32]
 """

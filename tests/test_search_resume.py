@@ -241,7 +241,7 @@ def test_trials_that_finish_together_cost_one_write(search):
     assert rows["mlflow_run_id"].str.len().gt(0).all()
 
 
-def test_recording_returns_before_mlflow_has_written(search, monkeypatch):
+def test_recording_returns_before_the_study_and_mlflow_have_written(search, monkeypatch):
     """The engine's thread (which starts the next trial) does not wait on the study or
     MLflow: a trial's row is written when its event returns, its study entry and child run
     after, in order; `wait` waits for them, and the run ids reach trials.parquet."""

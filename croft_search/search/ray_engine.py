@@ -200,7 +200,7 @@ def _ray_classes() -> tuple[type, type, type]:
 
         def on_experiment_end(self, trials, **info) -> None:  # noqa: ANN001
             # Ray calls this however the experiment ends; the search's end opens the folder
-            # afresh, which must find every MLflow write done.
+            # afresh, which must find every study and MLflow write done.
             self.recorder.wait()
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:  # noqa: ANN001

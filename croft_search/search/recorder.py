@@ -12,8 +12,8 @@ resume. The study's and MLflow's writes run in order on a thread of their own
 thread, which starts the next trial, never waits on SQLite (tens of milliseconds a trial,
 seconds for a population's members); `Recorder.wait` and `Recorder.close` wait for them.
 A driver killed before they are done leaves rows without study entries or runs, which the
-next open adds. MLflow may fail or be unreachable at any moment: the search goes on, the trials it
-missed are sent when it answers again (retried every `MLFLOW_RETRY_SECONDS`), when the
+next open adds. MLflow may fail or be unreachable at any moment: the search goes on, the
+trials it missed are sent when it answers again (retried every `MLFLOW_RETRY_SECONDS`), when the
 search ends (retried for `MLFLOW_END_PATIENCE_SECONDS`), or by
 ``python -m croft_search.sync FOLDER``; a run half-written when the driver died is
 completed from the table on the next open.
@@ -140,15 +140,13 @@ class Recorder:
         """One epoch's validation metrics of a running trial (MLflow curves only)."""
         if trial_id not in self.table.by_id:
             config, metrics = dict(config), dict(metrics)
-            self.writer.submit(
-                lambda: self.mlflow.call(lambda t: t.log_epoch(trial_id, config, metrics))
-            )
+            self._write(lambda: self.mlflow.call(lambda t: t.log_epoch(trial_id, config, metrics)))
 
     def trial_restarted(self, trial_id: str) -> None:
         """The engine runs the trial again from its start (its node died): the curves of
         the lost attempt are dropped with its child run."""
         if trial_id not in self.table.by_id:
-            self.writer.submit(lambda: self.mlflow.call(lambda t: t.discard_child(trial_id)))
+            self._write(lambda: self.mlflow.call(lambda t: t.discard_child(trial_id)))
 
     def trial_finished(self, trial_id: str, config: Mapping[str, Any],
                        metrics: Mapping[str, Any], **where: Any) -> bool:  # fmt: skip
@@ -187,9 +185,9 @@ class Recorder:
         self.table.flush()
 
     def close(self, summary: Mapping[str, Any]) -> None:
-        """End the search: MLflow's writes done, the table flushed, unrecorded attempts'
-        child runs discarded (trials still running when the last sample's row arrived),
-        the parent finished."""
+        """End the search: the study's and MLflow's writes done, the table flushed,
+        unrecorded attempts' child runs discarded (trials still running when the last
+        sample's row arrived), the parent finished."""
         self.wait()
         self.mlflow.sync_at_end(self.table)
         self.mlflow.call(lambda t: t.discard_unrecorded(self.table.trial_ids))
@@ -204,7 +202,10 @@ class Recorder:
             )
 
     # ------------------------------------------------------------------ internals
-    def _write(self, action: Any, on_done: Any = None) -> None:
+    def _write(self, action: Callable[[], Any], on_done: Callable[[Any], Any] | None = None
+               ) -> None:  # fmt: skip
+        """Hand a study or MLflow write to the writer, after the block's parquet write
+        inside `together`."""
         if self._held is not None:
             self._held.append((action, on_done))
         else:
