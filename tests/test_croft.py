@@ -22,8 +22,8 @@ from trainables.croft_objective import (
     Batch,
     adapt,
     generator_gradient,
-    generator_steps,
     same_class_similarity,
+    stepped_generator,
 )
 from trainables.registry import get_method, resolve_hparams
 from trainables.text import FrozenTextEncoder
@@ -347,9 +347,33 @@ def test_generator_steps_are_sgd_on_the_generator_loss() -> None:
         loss.backward()
         optimizer.step()
     batch = Batch.of(image, labels, len(text))
-    stepped = generator_steps(start, image, text, batch, method.objective_settings(), 3, 0.05)
+    settings = method.objective_settings()
+    stepped = stepped_generator(start, image, text, batch, settings, 3, 0.05)[0]
     torch.testing.assert_close(stepped, reference.detach(), rtol=1e-10, atol=1e-12)
     assert (stepped - start).abs().max() > 1e-3
+
+
+def test_stepped_generator_keeps_the_shifted_features_of_the_stepped_generator() -> None:
+    """The raw shifted features the steps hand the objective are x G + x of the G they
+    leave, and stepping a population's own stack in place gives that G too."""
+    method, features, labels = tiny_method(lambda1=5.0, gen_steps=3, gen_lr=0.05)
+    image, text = method.image_features(features).detach(), method.text_features().detach()
+    start = torch.eye(6, dtype=torch.float64) + 0.3 * torch.randn(6, 6, dtype=torch.float64)
+    batch, settings = Batch.of(image, labels, len(text)), method.objective_settings()
+    stepped, moved = stepped_generator(start, image, text, batch, settings, 3, 0.05)
+    torch.testing.assert_close(moved, image @ stepped + image, rtol=1e-10, atol=1e-12)
+    assert (moved - (image @ start + image)).abs().max() > 1e-3
+    stack = torch.stack([start, start.T.clone()])
+    own = stack.clone()
+    pair = Batch.of(image.expand(2, -1, -1), labels.expand(2, -1), len(text))
+    stepped_stack, moved_stack = stepped_generator(
+        own, image.expand(2, -1, -1), text.expand(2, -1, -1), pair, settings, 3, 0.05, True
+    )
+    assert stepped_stack.data_ptr() == own.data_ptr()
+    for k in range(2):
+        alone, moved_alone = stepped_generator(stack[k], image, text, batch, settings, 3, 0.05)
+        torch.testing.assert_close(stepped_stack[k], alone, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(moved_stack[k], moved_alone, rtol=1e-10, atol=1e-12)
 
 
 def test_closed_form_edr_follows_learned_prompts(digits_context: MethodContext) -> None:

@@ -65,8 +65,8 @@ from trainables.croft_objective import (
     ObjectiveSettings,
     Unit,
     adapt,
-    generator_steps,
     objective_gradients,
+    stepped_generator,
     unit,
 )
 from trainables.registry import register_method
@@ -313,11 +313,14 @@ class CRoFT(Method):
         labels: torch.Tensor,
         numbers: dict[str, Any],
         step_generator_first: bool,
-    ) -> tuple[Batch, ObjectiveSettings, torch.Tensor | None]:
-        """The objective's batch, settings and generator for one adapter pass; with
-        ``step_generator_first`` (training) G has taken its inner steps, on the same
-        adapter outputs, which its steps do not change. Worst case: the adapters play
-        against a fixed G; joint: G trains with them."""
+        in_place: bool = False,
+    ) -> tuple[Batch, ObjectiveSettings, torch.Tensor | None, torch.Tensor | None]:
+        """The objective's batch, settings, generator and, where the generator stepped,
+        x G + x under the stepped G, for one adapter pass; with ``step_generator_first``
+        (training) G has taken its inner steps (in its own tensor with ``in_place``), on
+        the same adapter outputs, which its steps do not change. Worst case: the adapters
+        play against a fixed G; joint: G trains with them."""
+        moved_raw = None
         with torch.no_grad():
             batch = Batch.of(passed.image.value, labels, passed.raw_text.shape[-2])
             settings = self.objective_settings(numbers)
@@ -325,11 +328,11 @@ class CRoFT(Method):
             if self.worst_case:
                 generator = generator.detach()
                 if step_generator_first:
-                    generator = generator_steps(
+                    generator, moved_raw = stepped_generator(
                         generator, passed.image.value, passed.text.value, batch, settings,
-                        self.gen_steps, numbers["gen_lr"],
+                        self.gen_steps, numbers["gen_lr"], in_place,
                     )  # fmt: skip
-        return batch, settings, generator
+        return batch, settings, generator, moved_raw
 
     def _losses(
         self, features: torch.Tensor, labels: torch.Tensor, step_generator_first: bool
@@ -340,15 +343,16 @@ class CRoFT(Method):
         with torch.no_grad():
             passed = self.adapter_pass(features, raw_text.detach())
         numbers = type(self).member_values(self.hp)
-        batch, settings, generator = self._objective_inputs(
+        batch, settings, generator, moved_raw = self._objective_inputs(
             passed, labels, numbers, step_generator_first
         )
         if step_generator_first and self.worst_case:
             with torch.no_grad():
                 self.generator.copy_(generator)
         loss, ce, shift, edr = CRoFTObjective.apply(
-            self.image_adapter, self.text_adapter, generator, raw_text, passed, batch, settings
-        )
+            self.image_adapter, self.text_adapter, generator, raw_text, passed, batch, settings,
+            moved_raw,
+        )  # fmt: skip
         return loss, self._terms(ce, shift, edr, settings)
 
     def _terms(self, ce: torch.Tensor, shift: torch.Tensor, edr: torch.Tensor,
@@ -407,13 +411,17 @@ def _population_loss(
         passed = method.adapter_pass(
             features, fixed_text, (values["ratio_image"], values["ratio_text"])
         )
-    batch, settings, generator = method._objective_inputs(passed, labels, values, True)
+    # The population's own stack of G steps in place, unless vmap maps over it.
+    in_place = method.population_broadcasts()
+    batch, settings, generator, moved_raw = method._objective_inputs(
+        passed, labels, values, True, in_place
+    )
     joint = method.use_generator and not method.worst_case
     prompts = method.prompt_learner is not None
     needs = (*method.trained_adapters, joint, prompts)
     with torch.no_grad():
         (loss, ce, shift, edr), grads = objective_gradients(
-            generator, method.text_adapter, passed, batch, settings, needs
+            generator, method.text_adapter, passed, batch, settings, needs, moved_raw
         )
     image_grad, text_grad, generator_grad, raw_text_grad = grads
     named = zip(("image_adapter", "text_adapter", "generator"),

@@ -169,7 +169,8 @@ def generator_gradient(
     dLc/dxc = (same-class mask) @ x / (number of same-class pairs), pulled back through the
     normalisation, then dG = x^T dL/d(x @ G + x)."""
     batch = Batch.of(image, labels, text.shape[-2], same)
-    return image.mT @ _generator_pull(image, text, generator, batch, logit_scale, lambda1)
+    moved = shift(image, generator)
+    return image.mT @ _generator_pull(moved, text, batch, logit_scale, lambda1)
 
 
 @dataclass(frozen=True)
@@ -196,23 +197,17 @@ class Batch:
 
 
 def _generator_pull(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    generator: torch.Tensor,
-    batch: Batch,
-    logit_scale: float,
-    lambda1: Number,
+    moved: Unit, text: torch.Tensor, batch: Batch, logit_scale: float, lambda1: Number
 ) -> torch.Tensor:
-    """The generator loss's gradient with respect to m = x G + x, whose product with x^T
-    is its gradient with respect to G."""
-    moved = shift(image, generator)
+    """The generator loss's gradient with respect to m = x G + x (``moved`` is n(m)),
+    whose product with x^T is its gradient with respect to G."""
     residual = torch.softmax(logit_scale * moved.value @ text.mT, dim=-1) - batch.onehot
     scale = logit_scale / batch.labels.shape[-1]
     grad_moved = mm_add(batch.toward_class, residual, text, alpha=scale, beta=lambda1)
     return moved.backward(grad_moved)
 
 
-def generator_steps(
+def stepped_generator(
     generator: torch.Tensor,
     image: torch.Tensor,
     text: torch.Tensor,
@@ -220,19 +215,29 @@ def generator_steps(
     settings: ObjectiveSettings,
     steps: int,
     lr: Number,
-) -> torch.Tensor:
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """G after ``steps`` plain SGD steps on the generator's loss with x and t fixed (what
-    the reference's SGD optimiser on G does: no momentum, no weight decay), as a new
-    tensor: ``generator`` is left as it is, so a population member's G can step under
-    vmap."""
+    the reference's SGD optimiser on G does: no momentum, no weight decay), and the
+    batch's raw shifted features m = x G + x under it, which the objective's forward then
+    takes as they are. G steps as a new tensor, so a population member's G can step under
+    vmap; with ``in_place``, in ``generator`` itself (a population's own stack, which
+    stepping into a new tensor would copy first)."""
+    moved_raw = mm_add(image, image, generator)
+    # m moves with G: x (G - x^T s) + x = m - (x x^T) s, a B x B x d product where a new
+    # x G would be B x d x d.
+    gram = image @ image.mT if steps else None
     for _ in range(steps):
-        pull = _generator_pull(
-            image, text, generator, batch, settings.logit_scale, settings.lambda1
-        )
-        # G - lr x^T pull as one fused product: the rate scales the [B, d] factor, so the
-        # d x d matrix is written once, not three times.
-        generator = mm_add(generator, image.mT, pull * lr, alpha=-1.0)
-    return generator
+        pull = _generator_pull(unit(moved_raw), text, batch, settings.logit_scale, settings.lambda1)
+        # The rate scales the [B, d] factor, so the d x d matrix is written once.
+        scaled = pull * lr
+        if in_place:
+            update = generator.baddbmm_ if generator.dim() == 3 else generator.addmm_
+            generator = update(image.mT, scaled, alpha=-1.0)
+        else:
+            generator = mm_add(generator, image.mT, scaled, alpha=-1.0)
+        moved_raw = mm_add(moved_raw, gram, scaled, alpha=-1.0)
+    return generator, moved_raw
 
 
 @dataclass(frozen=True)
@@ -286,10 +291,11 @@ class _Saved:
 
 
 class CRoFTObjective(torch.autograd.Function):
-    """``CRoFTObjective.apply(Wi, Wt, G, g, passed, batch, settings)``: (loss, CE, shift
-    term, EDR term) of one batch as one autograd node, each output differentiable; terms a
-    branch does not have are zero. ``passed`` is the adapter pass of these adapters and of
-    ``g`` (computed without a graph, so the generator could step on it first); gradients
+    """``CRoFTObjective.apply(Wi, Wt, G, g, passed, batch, settings, m)``: (loss, CE,
+    shift term, EDR term) of one batch as one autograd node, each output differentiable;
+    terms a branch does not have are zero. ``passed`` is the adapter pass of these
+    adapters and of ``g`` (computed without a graph, so the generator could step on it
+    first); ``m``, optional, is x G + x where the generator's steps left it; gradients
     reach whichever of Wi, Wt, G (the joint branch; the worst case passes it detached) and
     g (learned prompts) require them.
 
@@ -311,8 +317,9 @@ class CRoFTObjective(torch.autograd.Function):
         passed: AdapterPass,
         batch: Batch,
         settings: ObjectiveSettings,
+        moved_raw: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        outputs, saved = _forward(generator, passed, batch, settings)
+        outputs, saved = _forward(generator, passed, batch, settings, moved_raw)
         ctx.set_materialize_grads(False)
         ctx.saved = saved
         ctx.settings = settings
@@ -334,7 +341,7 @@ class CRoFTObjective(torch.autograd.Function):
             ctx.saved, ctx.settings, text_adapter, generator, tuple(ctx.needs_input_grad[:4]),
             (grad_loss, grad_ce, grad_shift, grad_edr),
         )  # fmt: skip
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def objective_gradients(
@@ -344,25 +351,30 @@ def objective_gradients(
     batch: Batch,
     settings: ObjectiveSettings,
     needs: tuple[bool, bool, bool, bool],
+    moved_raw: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
     """`CRoFTObjective`'s four outputs and the loss's gradients with respect to (Wi, Wt, G,
     g) where ``needs`` asks for them, computed outright, without autograd: plain tensor
     operations, so a population runs them under vmap with each member's weights and
     ratios in ``settings`` as 0-dim tensors."""
-    outputs, saved = _forward(generator, passed, batch, settings)
+    outputs, saved = _forward(generator, passed, batch, settings, moved_raw)
     grads = _backward(saved, settings, text_adapter, generator, needs, (1.0, None, None, None))
     return outputs, grads
 
 
 def _forward(
-    generator: torch.Tensor | None, passed: AdapterPass, batch: Batch, settings: ObjectiveSettings
+    generator: torch.Tensor | None,
+    passed: AdapterPass,
+    batch: Batch,
+    settings: ObjectiveSettings,
+    moved_raw: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor, ...], _Saved]:
     image, text = passed.image, passed.text
     rows = batch.labels.shape[-1]
     moved = None
     points = image.value
     if generator is not None:
-        moved = shift(image.value, generator)
+        moved = shift(image.value, generator) if moved_raw is None else unit(moved_raw)
         points = torch.cat([image.value, moved.value], dim=-2)
     similarity = points @ text.value.mT
     log_probs = torch.log_softmax(settings.logit_scale * similarity, dim=-1)
