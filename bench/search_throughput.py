@@ -14,11 +14,15 @@ default population for this machine, successive halving inside each population) 
 plain Optuna loop, side by side.
 
 overhead share = 1 - (sum of time inside run_trial) / (concurrency x wall time of the trials)
+training share = (sum of training time) / (concurrency x wall time of the trials), each
+population's training counted once (its members' train_seconds are shares of it); "if
+only training" divides trials/min by it: the rate with every other cost gone.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -82,17 +86,23 @@ def main() -> None:
             )
             frame = pd.read_parquet(outcome.folder / "trials.parquet")
             wall = outcome.search_seconds
+            slots = (concurrency or os.cpu_count() or 1) * wall
             share = "-"
             if "trial_seconds" in frame and frame["trial_seconds"].notna().all():
-                share = f"{100 * (1 - frame['trial_seconds'].sum() / (concurrency * wall)):.0f}%"
+                share = f"{100 * (1 - frame['trial_seconds'].sum() / slots):.0f}%"
+            rate = 60 * len(frame) / wall
+            training, only = "-", "-"
+            if frame["train_seconds"].notna().all():  # a stopped trial has no training time
+                share_trained = frame["train_seconds"].sum() / slots
+                training, only = f"{100 * share_trained:.0f}%", round(rate / share_trained, 1)
             rows.append({"run": label, "trials": len(frame), "wall s": round(wall, 1),
-                         "trials / min": round(60 * len(frame) / wall, 1),
-                         "overhead share": share})  # fmt: skip
+                         "trials / min": round(rate, 1), "overhead share": share,
+                         "training share": training, "if only training": only})  # fmt: skip
         wall = optuna_loop(space, args.trials)
         rows.append({"run": "plain Optuna loop, run_trial in one process", "trials": args.trials,
-                     "wall s": round(wall, 1), "trials / min": round(60 * args.trials / wall, 1),
-                     "overhead share": "-"})  # fmt: skip
-    table = pd.DataFrame(rows)
+                     "wall s": round(wall, 1),
+                     "trials / min": round(60 * args.trials / wall, 1)})  # fmt: skip
+    table = pd.DataFrame(rows).fillna("-")
     what = args.space or f"CRoFT, digits, all 4 targets, {args.epochs} epochs, 16 shots"
     print(f"{what}, {args.trials} trials")
     print(table.to_string(index=False))
