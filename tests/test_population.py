@@ -276,6 +276,69 @@ def test_a_method_that_broadcasts_gets_the_stacks_and_each_member_its_own_result
             assert result[key] == pytest.approx(alone[key], abs=1e-4), key
 
 
+@register_method
+class RowSpaceHead(Method):
+    """Class weights R W^T from fixed class rows R [C, d] and a trained W [d, d]: W is read
+    only through R W^T, which the method declares (`population_row_spaces`)."""
+
+    name = "_test_population_row_space"
+    hparams = {"epochs": HParam(3, low=0, high=100)}
+    seen: list[tuple[int, ...]] = []
+
+    def population_broadcasts(self):
+        return True
+
+    def population_row_spaces(self):
+        return {"weight": self.rows}
+
+    def __init__(self, context, hp):
+        super().__init__(context, hp)
+        self.register_buffer("rows", context.class_text.detach().clone())
+        self.weight = nn.Parameter(torch.eye(context.embed_dim))
+
+    def logits(self, features, domains=None):
+        return 20 * features @ (self.rows @ self.weight.mT).mT
+
+    def population_loss(self, values, features, labels, domains):
+        product = values["weight"].detach().requires_grad_(True)  # R W^T, [K, C, d]
+        RowSpaceHead.seen.append(tuple(product.shape))
+        picked = torch.log_softmax(20 * features @ product.mT, -1).gather(-1, labels[..., None])
+        ce = -picked.squeeze(-1).mean(-1)
+        (grad,) = torch.autograd.grad(ce.sum(), product)
+        return MemberStep(ce.detach(), {"ce": ce.detach()}, gradients={"weight": grad})
+
+
+def test_a_row_space_parameter_trains_as_the_dense_one_alone(resources):
+    """A parameter a method declares in a row space trains by the population's SGD as
+    torch's SGD trains the whole matrix alone (momentum and weight decay per member), and
+    each member's module gets the dense matrix back."""
+    members = [{"method": RowSpaceHead.name, "target_domain": TARGET, "views": 2, **member}
+               for member in MEMBERS]  # fmt: skip
+    RowSpaceHead.seen.clear()
+    built_members = [built(config, resources) for config in members]
+    logs = train_population(*(list(column) for column in zip(*built_members, strict=True)))
+    dim, classes = resources.backbone.embed_dim, built_members[0][0].rows.shape[0]
+    assert set(RowSpaceHead.seen) == {(len(members), classes, dim)}
+    for config, log, (trained, _, _) in zip(members, logs, built_members, strict=True):
+        alone, data, hp = built(config, resources)
+        expected = list(train_epochs(alone, data, hp))
+        assert [row["ce"] for row in log] == pytest.approx([r["ce"] for r in expected], rel=1e-5)
+        torch.testing.assert_close(trained.weight, alone.weight, rtol=1e-5, atol=1e-6)
+        assert (alone.weight - torch.eye(dim)).abs().max() > 1e-3
+
+
+def test_croft_declares_its_text_adapter_in_the_template_features_row_space(resources):
+    """With the template's text features the text adapter only acts on them; with learned
+    prompts (features that move) or an adapter that does not train, nothing is declared."""
+    template = built(configs("croft")[0], resources)[0]
+    (rows,) = template.population_row_spaces().values()
+    assert list(template.population_row_spaces()) == ["text_adapter"]
+    torch.testing.assert_close(rows, template.raw_text())
+    prompts = built(configs("croft_prompts")[0], resources)[0]
+    fixed = built({**configs("croft")[0], "ratio_text": 0.0}, resources)[0]
+    assert prompts.population_row_spaces() == fixed.population_row_spaces() == {}
+
+
 def test_a_diverging_member_is_named(resources):
     base = {"method": Steep.name, "target_domain": TARGET, "views": 2}
     members = [{**base, "lr": 1e-6}, {**base, "lr": 10.0, "momentum": 0.99}]

@@ -209,6 +209,16 @@ class Method(nn.Module):
         of one population agree on it."""
         return ()
 
+    def population_row_spaces(self) -> dict[str, torch.Tensor]:
+        """Trained matrices W [out, in] that `population_loss` reads only as R @ W.T, for a
+        fixed R [r, in] with r < in, by name: {name: R}. A population training them by SGD
+        keeps each as c W0 + A R (W0 its start, c a number, A [out, r], the momentum
+        buffer alike), the form SGD's steps keep it in when every gradient is some
+        [out, r] matrix times R; it hands `population_loss` the product R @ W.T as
+        ``values[name]`` instead of W, and takes back ``gradients[name]``, the loss's
+        gradient with respect to that product. {} by default."""
+        return {}
+
     def population_broadcasts(self) -> bool:
         """Whether this method's `population_loss` computes every member at once when
         handed the stacked [K, ...] parameters, buffers, data and member values ([K, 1, 1])

@@ -65,6 +65,7 @@ from trainables.croft_objective import (
     ObjectiveSettings,
     Unit,
     adapt,
+    adapt_product,
     objective_gradients,
     stepped_generator,
     unit,
@@ -169,6 +170,14 @@ class CRoFT(Method):
         keys = ("lambda1", "lambda2", "ratio_image", "ratio_text", "gen_lr")
         return {key: float(hp[key]) for key in keys}
 
+    def population_row_spaces(self) -> dict[str, torch.Tensor]:
+        # With the template's text features (no prompts) the text adapter acts on those
+        # alone: the loss reads g Wt^T, and Wt's gradient rt dv^T g lies in g's row space.
+        classes, dim = self.class_text.shape
+        if self.prompt_learner is None and self.trained_adapters[1] and classes < dim:
+            return {"text_adapter": self.class_text}
+        return {}
+
     def population_broadcasts(self) -> bool:
         # The objective is written for leading member dimensions, and so is a prompt
         # learner's pass where the classes share its start; other prompt layouts run under
@@ -245,12 +254,21 @@ class CRoFT(Method):
         return self._text_unit(self.raw_text()).value
 
     def adapter_pass(
-        self, features: torch.Tensor, raw_text: torch.Tensor, ratios: tuple | None = None
+        self,
+        features: torch.Tensor,
+        raw_text: torch.Tensor,
+        ratios: tuple | None = None,
+        text_product: torch.Tensor | None = None,
     ) -> AdapterPass:
         """Both adapters on ``features`` and ``raw_text``, with ``ratios`` (a population
-        member's 0-dim tensors) or the method's own."""
+        member's 0-dim tensors) or the method's own; ``text_product``, where given, is
+        ``raw_text @ Wt.T`` (a population's text adapter in its row-space form)."""
         ratio_image, ratio_text = ratios or (None, None)
-        image, text = self._image_unit(features, ratio_image), self._text_unit(raw_text, ratio_text)
+        image = self._image_unit(features, ratio_image)
+        if text_product is None:
+            text = self._text_unit(raw_text, ratio_text)
+        else:
+            text = unit(adapt_product(raw_text, text_product, ratio_text))
         return AdapterPass(features, raw_text, image, text)
 
     def _image_unit(self, features: torch.Tensor, ratio: Any = None) -> Unit:
@@ -407,9 +425,11 @@ def _population_loss(
     (per member) with dL/dg fixed, which autograd takes on through the text encoder."""
     raw_text = method.raw_text()
     fixed_text = raw_text.detach()
+    # The text adapter as g Wt^T, where the population keeps it in g's row space.
+    text_product = values.get("text_adapter")
     with torch.no_grad():
         passed = method.adapter_pass(
-            features, fixed_text, (values["ratio_image"], values["ratio_text"])
+            features, fixed_text, (values["ratio_image"], values["ratio_text"]), text_product
         )
     # The population's own stack of G steps in place, unless vmap maps over it.
     in_place = method.population_broadcasts()
@@ -421,8 +441,9 @@ def _population_loss(
     needs = (*method.trained_adapters, joint, prompts)
     with torch.no_grad():
         (loss, ce, shift, edr), grads = objective_gradients(
-            generator, method.text_adapter, passed, batch, settings, needs, moved_raw
-        )
+            generator, method.text_adapter, passed, batch, settings, needs, moved_raw,
+            text_as_product=text_product is not None,
+        )  # fmt: skip
     image_grad, text_grad, generator_grad, raw_text_grad = grads
     named = zip(("image_adapter", "text_adapter", "generator"),
                 (image_grad, text_grad, generator_grad), needs, strict=False)  # fmt: skip

@@ -51,7 +51,13 @@ def adapt(raw: torch.Tensor, weight: torch.Tensor, ratio: Number) -> torch.Tenso
     untrained method reproduces zero-shot CLIP exactly rather than to rounding; and the
     difference is taken on the [N, d] product, not as ``weight - I`` on the d x d matrix,
     which on a population's [K, d, d] stacks costs about what the product does."""
-    moved = raw @ weight.mT - raw
+    return adapt_product(raw, raw @ weight.mT, ratio)
+
+
+def adapt_product(raw: torch.Tensor, product: torch.Tensor, ratio: Number) -> torch.Tensor:
+    """`adapt` from the product ``raw @ weight.T`` where it is known another way (a
+    population's text adapter, kept in the row space of the text features it acts on)."""
+    moved = product - raw
     if isinstance(ratio, torch.Tensor):
         return raw + moved * ratio
     return torch.add(raw, moved, alpha=ratio)
@@ -352,13 +358,17 @@ def objective_gradients(
     settings: ObjectiveSettings,
     needs: tuple[bool, bool, bool, bool],
     moved_raw: torch.Tensor | None = None,
+    text_as_product: bool = False,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
     """`CRoFTObjective`'s four outputs and the loss's gradients with respect to (Wi, Wt, G,
     g) where ``needs`` asks for them, computed outright, without autograd: plain tensor
     operations, so a population runs them under vmap with each member's weights and
-    ratios in ``settings`` as 0-dim tensors."""
+    ratios in ``settings`` as 0-dim tensors. With ``text_as_product``, Wt's gradient is
+    the one with respect to the product g Wt^T (`adapt_product`), rt dv."""
     outputs, saved = _forward(generator, passed, batch, settings, moved_raw)
-    grads = _backward(saved, settings, text_adapter, generator, needs, (1.0, None, None, None))
+    grads = _backward(
+        saved, settings, text_adapter, generator, needs, (1.0, None, None, None), text_as_product
+    )
     return outputs, grads
 
 
@@ -411,6 +421,7 @@ def _backward(
     generator: torch.Tensor | None,
     needs: tuple[bool, ...],
     upstream: tuple[Any, Any, Any, Any],
+    text_as_product: bool = False,
 ) -> tuple[torch.Tensor | None, ...]:
     """The gradients of (Wi, Wt, G, g) from those of the four outputs (None: no gradient;
     the loss's may be the Python number 1.0)."""
@@ -501,7 +512,9 @@ def _backward(
     if grad_text is not None and (needs[1] or needs[3]):
         grad_v = text.backward(grad_text, grad_text_norm)
         if needs[1]:
-            grad_text_adapter = (grad_v * ratio_text).mT @ passed.raw_text
+            grad_text_adapter = grad_v * ratio_text  # with respect to g Wt^T
+            if not text_as_product:
+                grad_text_adapter = grad_text_adapter.mT @ passed.raw_text
         if needs[3]:
             # dv (I + rt (Wt - I)) = (1 - rt) dv + rt dv Wt
             through = mm_add(grad_v, grad_v, text_adapter, alpha=ratio_text, beta=1.0 - ratio_text)

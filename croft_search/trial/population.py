@@ -9,7 +9,8 @@ the stacks themselves where the method computes every member at once
 `torch.func.vmap` over one member's call; one backward for all of them (members share
 no parameter, so the
 gradient of the summed loss is each member's own), and one SGD update of the stacked
-tensors with each member's learning rate, momentum and weight decay as a [K] tensor.
+tensors with each member's learning rate, momentum and weight decay as a [K] tensor (a
+matrix the method reads only in a row space, `Method.population_row_spaces`, steps there).
 After training the members' weights go back into their modules, which `run_trial`'s own
 evaluation scores, so member k's result is what ``run_trial(config_k)`` gives alone. A
 member trained on several target domains (one split each, as `run_trial` trains them) is
@@ -320,15 +321,17 @@ def population_epochs(
             method.eval()
         return
     params, buffers = stack_module_state(list(methods))
-    trained = {n: params[n] for n in names}
-    frozen = {n: p.detach() for n, p in params.items() if n not in trained}
-    device = next(iter(trained.values())).device
-    stepper = _StackedOptimizer(trained, hps)
+    like = params[names[0]].detach()
+    broadcasts = methods[0].population_broadcasts()
+    spaces = _row_spaces(methods, names, like) if broadcasts and hp0["optimizer"] == "sgd" else {}
+    trained = {n: params[n] for n in names if n not in spaces}
+    frozen = {n: p.detach() for n, p in params.items() if n not in names}
+    device = like.device
+    stepper = _StackedOptimizer(trained, hps, {n: (params[n], rows) for n, rows in spaces.items()})
     # The first member's module runs every member's step: functional_call swaps the
     # stacked tensors (or, under vmap, their slices) in for its own.
     step = _member_loss(methods[0])
-    values = _stacked_values(methods, hps, next(iter(trained.values())))
-    broadcasts = methods[0].population_broadcasts()
+    values = _stacked_values(methods, hps, like)
     if broadcasts:
         values = {key: value.view(-1, 1, 1) for key, value in values.items()}
     else:
@@ -363,7 +366,9 @@ def population_epochs(
             # vmap has no batching rule for the fused CPU attention kernel and would loop over
             # the members in a prompt learner's text encoder; the math kernel batches.
             with nullcontext() if broadcasts else sdpa_kernel([SDPBackend.MATH]):
-                losses, parts, updates, grads = step(trained, frozen, buffers, values,
+                products = stepper.products()  # the row-space parameters as R W^T
+                losses, parts, updates, grads = step(trained, frozen, buffers,
+                                                     {**values, **products},
                                                      features, labels, domains)  # fmt: skip
             finite = torch.isfinite(losses.detach())
             if not bool(finite.all()):
@@ -382,7 +387,8 @@ def population_epochs(
                 totals[key] = totals.get(key, 0.0) + value.detach().double()
             steps += 1
         if read_after is None or epoch + 1 in read_after or epoch + 1 == hp0["epochs"]:
-            _write_back([methods[k] for k in members], {**trained, **frozen, **buffers})
+            state = {**trained, **frozen, **buffers, **stepper.dense_row_spaces()}
+            _write_back([methods[k] for k in members], state)
         if members[0] != 0:
             methods[0].eval()  # stopped: its module only ran the others' steps
         logs: list[dict[str, float] | None] = [None] * len(methods)
@@ -456,6 +462,15 @@ class _TrainingPool:
         return features, self.targets[members, rows], self.domains[members, rows]
 
 
+def _row_spaces(methods: Sequence[Method], names: Sequence[str], like: torch.Tensor
+                ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Each trained parameter the methods keep in a row space
+    (`Method.population_row_spaces`), with the members' rows R stacked, [K, r, in]."""
+    own = [method.population_row_spaces() for method in methods]
+    return {name: torch.stack([rows[name] for rows in own]).to(like)
+            for name in own[0] if name in names}  # fmt: skip
+
+
 def _write_back(methods: Sequence[Method], state: Mapping[str, torch.Tensor]) -> None:
     """Row k of the stacked state into ``methods[k]``, set to evaluation."""
     with torch.no_grad():
@@ -499,6 +514,57 @@ class _Call(torch.nn.Module):
         return self.body()
 
 
+@dataclass
+class _RowSpace:
+    """A stacked trained matrix W [K, out, in] as SGD keeps it when every gradient is some
+    [K, out, r] matrix times fixed rows R [K, r, in] (`Method.population_row_spaces`):
+    W = c W0 + A R and its momentum buffer b W0 + M R, with c, b [K, 1, 1] and A, M
+    [K, out, r], so a step costs [out, r] arithmetic where the dense one costs [out, in]
+    (and the loss reads R W^T from an [r, r] product)."""
+
+    start: torch.Tensor  # W0
+    rows: torch.Tensor  # R
+    start_product: torch.Tensor  # R W0^T, [K, r, out]
+    gram: torch.Tensor  # R R^T, [K, r, r]
+    scale: torch.Tensor  # c
+    factor: torch.Tensor  # A
+    momentum_scale: torch.Tensor | None = None  # b, after the first step
+    momentum_factor: torch.Tensor | None = None  # M
+
+    @classmethod
+    def of(cls, start: torch.Tensor, rows: torch.Tensor) -> _RowSpace:
+        start = start.detach()
+        return cls(start, rows, rows @ start.mT, rows @ rows.mT,
+                   start.new_ones(len(start), 1, 1),
+                   start.new_zeros(*start.shape[:-1], rows.shape[-2]))  # fmt: skip
+
+    def product(self) -> torch.Tensor:
+        """R W^T = c R W0^T + (R R^T) A^T."""
+        return torch.baddbmm(self.start_product * self.scale, self.gram, self.factor.mT)
+
+    def dense(self) -> torch.Tensor:
+        """W itself, c W0 + A R."""
+        return torch.baddbmm(self.start * self.scale, self.factor, self.rows)
+
+    def step(self, grad_product: torch.Tensor, lr: torch.Tensor, wd: torch.Tensor,
+             momentum: torch.Tensor) -> None:  # fmt: skip
+        """`_StackedOptimizer`'s SGD step from the loss's gradient with respect to R W^T,
+        whose transpose times R is W's: d = g + wd W, b = m b + d (d at first), W -= lr b,
+        on the scale and the factor apart."""
+        scale_step = wd * self.scale
+        factor_step = torch.addcmul(grad_product.mT, wd, self.factor)
+        if self.momentum_scale is not None:
+            scale_step = torch.addcmul(scale_step, momentum, self.momentum_scale)
+            factor_step = torch.addcmul(factor_step, momentum, self.momentum_factor)
+        self.momentum_scale, self.momentum_factor = scale_step, factor_step
+        self.scale = torch.addcmul(self.scale, lr, scale_step, value=-1.0)
+        self.factor = torch.addcmul(self.factor, lr, factor_step, value=-1.0)
+
+    def select(self, index: torch.Tensor) -> _RowSpace:
+        return _RowSpace(*(None if value is None else value[index]
+                           for value in vars(self).values()))  # fmt: skip
+
+
 class _StackedOptimizer:
     """The loop's optimiser (`croft_search.trial.loop.build_optimizer`) on stacked
     parameters, each member with its own learning rate, momentum and weight decay.
@@ -511,11 +577,23 @@ class _StackedOptimizer:
     BETAS = (0.9, 0.999)
     EPS = 1e-8
 
-    def __init__(self, params: dict[str, torch.Tensor], hps: Sequence[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        hps: Sequence[dict[str, Any]],
+        row_spaces: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        """``params``: the dense stacked parameters; ``row_spaces``: {name: (its stacked
+        start, its rows R)} for those kept as `_RowSpace` (SGD only)."""
         self.params = params
         self.kind = hps[0]["optimizer"]
+        self.row_spaces = {name: _RowSpace.of(start, rows)
+                           for name, (start, rows) in (row_spaces or {}).items()}  # fmt: skip
+        if self.row_spaces and self.kind != "sgd":
+            raise ValueError("row-space parameters train by SGD only")
         # Dtype and device of the parameters: a [K] tensor on the CPU cannot scale CUDA ones.
-        like = next(iter(params.values())).detach()
+        starts = [start for start, _ in (row_spaces or {}).values()]
+        like = next(iter([*params.values(), *starts])).detach()
         self.momentum = like.new_tensor([hp["momentum"] for hp in hps])
         self.weight_decay = like.new_tensor([hp["weight_decay"] for hp in hps])
         self.lr = like.new_zeros(len(hps))
@@ -535,7 +613,16 @@ class _StackedOptimizer:
         )
         self.state = {name: [buffer[index] for buffer in buffers]
                       for name, buffers in self.state.items()}  # fmt: skip
+        self.row_spaces = {name: space.select(index) for name, space in self.row_spaces.items()}
         return self.params
+
+    def products(self) -> dict[str, torch.Tensor]:
+        """Each row-space parameter as the loss reads it, R W^T."""
+        return {name: space.product() for name, space in self.row_spaces.items()}
+
+    def dense_row_spaces(self) -> dict[str, torch.Tensor]:
+        """Each row-space parameter as the dense W, for the members' modules."""
+        return {name: space.dense() for name, space in self.row_spaces.items()}
 
     def step(self, grads: Mapping[str, torch.Tensor]) -> None:
         self.steps += 1
@@ -547,6 +634,9 @@ class _StackedOptimizer:
                     self._adamw(name, param, grads[name], lr, wd)
                 else:
                     self._sgd(name, param, grads[name], lr, wd, self.momentum.view(shape))
+            for name, space in self.row_spaces.items():
+                space.step(grads[name], *(v.view(-1, 1, 1) for v in
+                                          (self.lr, self.weight_decay, self.momentum)))  # fmt: skip
 
     def _sgd(self, name: str, param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor,
              wd: torch.Tensor, momentum: torch.Tensor) -> None:  # fmt: skip
