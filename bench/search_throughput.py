@@ -102,7 +102,7 @@ def main() -> None:
         rows.append({"run": "plain Optuna loop, run_trial in one process", "trials": args.trials,
                      "wall s": round(wall, 1),
                      "trials / min": round(60 * args.trials / wall, 1)})  # fmt: skip
-    table = pd.DataFrame(rows).fillna("-")
+    table = pd.DataFrame(rows).astype(object).fillna("-")
     what = args.space or f"CRoFT, digits, all 4 targets, {args.epochs} epochs, 16 shots"
     print(f"{what}, {args.trials} trials")
     print(table.to_string(index=False))
