@@ -359,6 +359,8 @@ def test_successive_halving_stops_members_at_the_rungs_with_what_they_reached(re
     results = run_population(members, resources, halving)
     stopped = [r for r in results if r.get("status") == "stopped"]
     assert sorted(r["epochs_run"] for r in stopped) == [1, 1, 2]
+    # Every member, stopped or not, carries one share of the population's training time.
+    assert len({r["train_seconds"] for r in results}) == 1 and results[0]["train_seconds"] > 0
     for config, result in zip(members, results, strict=True):
         epochs = result["epochs_run"]
         # The trial alone, its report stopping it after the same epochs (as ASHA would).

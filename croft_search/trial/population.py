@@ -225,7 +225,10 @@ def run_population(
     results: list[dict[str, Any]] = []
     for k, member in enumerate(members):
         if k in stopped:
-            results.append({**stopped[k], RUNG_OBJECTIVES: reached[k]})
+            # Its share of the program's time, as every member's: their sum is the
+            # population's training time.
+            results.append({**stopped[k], "train_seconds": train_seconds,
+                            RUNG_OBJECTIVES: reached[k]})  # fmt: skip
             continue
         per_target = {
             target: final_metrics(methods[k], splits[k], datas[k], member.score,
