@@ -29,7 +29,9 @@ def captured_call(members: int) -> tuple[tuple, dict[str, Any]]:
     original = croft.objective_gradients
 
     def capture(*args: Any, **kwargs: Any) -> Any:
-        calls.append((args, kwargs))
+        # Copies: the population steps its generator stack in place after this call.
+        calls.append((tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args),
+                      kwargs))  # fmt: skip
         return original(*args, **kwargs)
 
     croft.objective_gradients = capture

@@ -92,7 +92,8 @@ def main() -> None:
                 share = f"{100 * (1 - frame['trial_seconds'].sum() / slots):.0f}%"
             rate = 60 * len(frame) / wall
             training, only = "-", "-"
-            if frame["train_seconds"].notna().all():  # a stopped trial has no training time
+            # A trial ASHA stopped (one per Ray trial) has no training time on record.
+            if "train_seconds" in frame and frame["train_seconds"].notna().all():
                 share_trained = frame["train_seconds"].sum() / slots
                 training, only = f"{100 * share_trained:.0f}%", round(rate / share_trained, 1)
             rows.append({"run": label, "trials": len(frame), "wall s": round(wall, 1),

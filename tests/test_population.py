@@ -327,6 +327,24 @@ def test_a_row_space_parameter_trains_as_the_dense_one_alone(resources):
         assert (alone.weight - torch.eye(dim)).abs().max() > 1e-3
 
 
+@register_method
+class RowSpaceWithoutGradient(RowSpaceHead):
+    """Declares a row space but hands back no gradient for it."""
+
+    name = "_test_population_row_space_no_gradient"
+
+    def population_loss(self, values, features, labels, domains):
+        step = super().population_loss(values, features, labels, domains)
+        return MemberStep(step.loss, step.parts)
+
+
+def test_a_row_space_parameter_without_its_gradient_is_named(resources):
+    members = [{"method": RowSpaceWithoutGradient.name, "target_domain": TARGET, "views": 2,
+                **member} for member in MEMBERS]  # fmt: skip
+    with pytest.raises(RuntimeError, match="no gradient for the row-space parameter.* weight"):
+        run_population(members, resources)
+
+
 def test_croft_declares_its_text_adapter_in_the_template_features_row_space(resources):
     """With the template's text features the text adapter only acts on them; with learned
     prompts (features that move) or an adapter that does not train, nothing is declared."""

@@ -216,7 +216,9 @@ class Method(nn.Module):
         buffer alike), the form SGD's steps keep it in when every gradient is some
         [out, r] matrix times R; it hands `population_loss` the product R @ W.T as
         ``values[name]`` instead of W, and takes back ``gradients[name]``, the loss's
-        gradient with respect to that product. {} by default."""
+        gradient with respect to that product. Only where the method broadcasts
+        (`population_broadcasts`) and the optimiser is SGD: otherwise W comes as usual and
+        ``values`` has no entry for it. {} by default."""
         return {}
 
     def population_broadcasts(self) -> bool:

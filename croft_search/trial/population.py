@@ -332,7 +332,8 @@ def population_epochs(
     device = like.device
     stepper = _StackedOptimizer(trained, hps, {n: (params[n], rows) for n, rows in spaces.items()})
     # The first member's module runs every member's step: functional_call swaps the
-    # stacked tensors (or, under vmap, their slices) in for its own.
+    # stacked tensors (or, under vmap, their slices) in for its own; a row-space
+    # parameter is not among them (the loss reads its product from the values).
     step = _member_loss(methods[0])
     values = _stacked_values(methods, hps, like)
     if broadcasts:
@@ -382,6 +383,10 @@ def population_epochs(
             if by_autograd:
                 found = torch.autograd.grad(losses.sum(), [trained[n] for n in by_autograd])
                 grads = {**grads, **dict(zip(by_autograd, found, strict=True))}
+            missing = [name for name in spaces if name not in grads]
+            if missing:
+                raise RuntimeError(f"population_loss returned no gradient for the row-space "
+                                   f"parameter(s) {', '.join(missing)}")  # fmt: skip
             stepper.step(grads)
             for name, value in updates.items():
                 # State the step moves outside the optimiser (CRoFT's generator).
