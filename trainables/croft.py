@@ -265,10 +265,7 @@ class CRoFT(Method):
         ``raw_text @ Wt.T`` (a population's text adapter in its row-space form)."""
         ratio_image, ratio_text = ratios or (None, None)
         image = self._image_unit(features, ratio_image)
-        if text_product is None:
-            text = self._text_unit(raw_text, ratio_text)
-        else:
-            text = unit(adapt_product(raw_text, text_product, ratio_text))
+        text = self._text_unit(raw_text, ratio_text, text_product)
         return AdapterPass(features, raw_text, image, text)
 
     def _image_unit(self, features: torch.Tensor, ratio: Any = None) -> Unit:
@@ -276,10 +273,14 @@ class CRoFT(Method):
             ratio = self._ratio(self.ratio_image, "test_ratio_image")
         return unit(adapt(features, self.image_adapter, ratio))
 
-    def _text_unit(self, raw_text: torch.Tensor, ratio: Any = None) -> Unit:
+    def _text_unit(
+        self, raw_text: torch.Tensor, ratio: Any = None, product: torch.Tensor | None = None
+    ) -> Unit:
         if ratio is None:
             ratio = self._ratio(self.ratio_text, "test_ratio_text")
-        return unit(adapt(raw_text, self.text_adapter, ratio))
+        if product is None:
+            product = raw_text @ self.text_adapter.mT
+        return unit(adapt_product(raw_text, product, ratio))
 
     def _ratio(self, trained: float, test_key: str) -> float:
         if self.training or self.hp[test_key] < 0:
