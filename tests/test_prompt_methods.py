@@ -82,6 +82,22 @@ def test_encoder_applies_a_padding_mask_like_open_clip(tiny):
         torch.testing.assert_close(encoder.encode(texts), tower(tiny.tokenizer(texts)))
 
 
+@pytest.mark.parametrize("pool_type", ["first", "last", "argmax", "eos"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_encoder_reads_every_pool_type_like_open_clip(tiny, pool_type, causal):
+    """The encoder reads each text where open_clip's tower pools it, causal or not."""
+    torch.manual_seed(1)
+    tower = TextTransformer(
+        context_length=16, width=32, heads=2, layers=3, output_dim=32,
+        no_causal_mask=not causal, pool_type=pool_type, eos_id=int(tiny.tokenizer(["x"])[0, 2]),
+    ).eval()  # fmt: skip
+    encoder = FrozenTextEncoder(_fake_backbone(tower, tiny.tokenizer))
+    texts = ["a photo of the number two.", "one", "x", "a sketch of a seven"]
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.encode(texts), tower(tiny.tokenizer(texts)),
+                                   rtol=0, atol=1e-5)  # fmt: skip
+
+
 def test_encoder_refuses_a_text_tower_with_a_class_token(tiny):
     tower = TextTransformer(context_length=16, width=32, heads=2, layers=1, embed_cls=True)
     with pytest.raises(ConfigError, match="prompt learning cannot open"):

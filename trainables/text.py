@@ -5,7 +5,8 @@ Works for open_clip's `CLIP` (text tower inlined in the model, e.g. OpenAI ViT-B
 embedded tiny-digits) and `CustomTextCLIP` with a built-in `TextTransformer` (`model.text`,
 e.g. MobileCLIP, PE-Core, SigLIP). The forward pass mirrors open_clip's own: token embedding,
 + positional embedding, transformer with the tower's attention mask, final norm, pooling
-(end-of-text, or whatever the tower's pool type says), projection.
+(end-of-text, or whatever the tower's pool type says), projection; where the pool type
+reads one position per text, the last block computes only the positions read.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ CLASS_POSITIONS = ("end", "middle", "front")
 # Prompts per text-encoder pass when every image has its own prompts (CoCoOp, DPLCLIP):
 # bounds the activation memory of evaluation on large batches; gradients are unaffected.
 MAX_PROMPTS_PER_PASS = 2048
+
+
+def _rows_at(x: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    """``x`` [N, T, w] at positions ``read`` [N, P] of each sequence: [N, P, w]."""
+    return x.gather(1, read.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 class FrozenTextEncoder(nn.Module):
@@ -144,11 +150,70 @@ class FrozenTextEncoder(nn.Module):
             attn_mask = padding if attn_mask is None else attn_mask[:length, :length] + padding
         if attn_mask is not None:  # [L, L], or [B * heads, L, L] with a padding mask
             attn_mask = attn_mask[..., : x.shape[-2], : x.shape[-2]]
-        x = tower.transformer(x, attn_mask=attn_mask)
-        x = tower.ln_final(x)
-        from open_clip.transformer import text_global_pool  # loaded with the tower itself
+        read = self._read_positions(tokens)
+        if read is None:
+            x = tower.ln_final(tower.transformer(x, attn_mask=attn_mask))
+            from open_clip.transformer import text_global_pool  # loaded with the tower itself
 
-        return self._project(text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id))
+            pooled = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+            return self._project(pooled)
+        return self._project(self._transform_at(tower, x, attn_mask, read[:, None])[:, 0])
+
+    def _read_positions(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The position each row of ``tokens`` [N, L] is read at, [N], as open_clip's
+        ``text_global_pool`` reads it; None for a pool type that reads more than one."""
+        if self.pool_type == "first":
+            return torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
+        if self.pool_type == "last":
+            return torch.full((len(tokens),), tokens.shape[-1] - 1, device=tokens.device)
+        if self.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        if self.pool_type == "eos" and self.eos_id is not None:
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        return None
+
+    @staticmethod
+    def _transform_at(
+        tower: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, read: torch.Tensor
+    ) -> torch.Tensor:
+        """The tower's transformer and final norm on ``x`` [N, T, w], read at positions
+        ``read`` [N, P] of each sequence: [N, P, w]. The last block computes those
+        positions only: a block's output at a position needs that position's query and
+        every position's keys and values, and its output elsewhere reaches no feature, so
+        in the last block the rest of the queries and the MLP would be work for nothing
+        (most of that block's arithmetic where a few positions per sequence are read)."""
+        from open_clip.transformer import ResidualAttentionBlock  # loaded with the tower
+
+        transformer = tower.transformer
+        blocks = list(transformer.resblocks)
+        last = blocks[-1]
+        plain = (
+            type(last) is ResidualAttentionBlock
+            and not hasattr(last, "ln_1_kv")
+            and getattr(transformer, "batch_first", False)
+            and not getattr(transformer, "grad_checkpointing", False)
+        )
+        if not plain:
+            x = tower.ln_final(transformer(x, attn_mask=mask))
+            return _rows_at(x, read)
+        for block in blocks[:-1]:
+            x = block(x, attn_mask=mask)
+        heads = last.attn.num_heads
+        query_mask = None
+        if mask is not None and mask.dim() == 2:  # [T, T], every sequence's
+            query_mask = mask[read].repeat_interleave(heads, dim=0)
+        elif mask is not None:  # [N * heads, T, T]
+            by_sequence = mask.unflatten(0, (len(x), heads))
+            rows = read[:, None, :, None].expand(-1, heads, -1, mask.shape[-1])
+            query_mask = by_sequence.gather(2, rows).flatten(0, 1)
+        normed = last.ln_1(x)
+        picked = _rows_at(x, read)
+        attended = last.attention(
+            q_x=_rows_at(normed, read), k_x=normed, v_x=normed, attn_mask=query_mask
+        )
+        out = picked + last.ls_1(attended)
+        out = out + last.ls_2(last.mlp(last.ln_2(out)))
+        return tower.ln_final(out)
 
     def _project(self, pooled: torch.Tensor) -> torch.Tensor:
         projection = self.tower.text_projection
@@ -187,9 +252,8 @@ class FrozenTextEncoder(nn.Module):
         packed = torch.cat([starts, rest], dim=-2).flatten(0, -3)  # [N, S + per_row R, w]
         mask, positions, slots = self._packing(shared, own, per_row, pooled, order, rows)
         x = packed.to(cast_dtype) + tower.positional_embedding[positions].to(cast_dtype)
-        x = tower.ln_final(tower.transformer(x, attn_mask=mask.to(x.dtype)))
         slots = slots.expand(len(x) // rows, -1, -1).reshape(len(x), per_row)
-        features = x.gather(1, slots.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        features = self._transform_at(tower, x, mask.to(x.dtype), slots)
         features = features.reshape(*lead, rows * per_row, -1)[..., :prompts, :]
         return self._project(features)
 
