@@ -1,7 +1,8 @@
 """Arithmetic of one prompt learner pass: the prompts as the learner runs them (the shared
-start once, no padding; `trainables.text.FrozenTextEncoder.forward_shared`) against every
-prompt's whole token sequence through the same encoder, counted by PyTorch's FLOP counter
-(no timing), for the embedded model and a 77-token CLIP (random weights count alike).
+start once, no padding, the last block at the end-of-text tokens only;
+`trainables.text.FrozenTextEncoder.forward_shared`) against every prompt's whole token
+sequence as open_clip's encode_text runs it, counted by PyTorch's FLOP counter (no
+timing), for the embedded model and a 77-token CLIP (random weights count alike).
 
     python bench/prompt_flops.py [--classes 6] [--n-ctx 4,16]
 """
@@ -12,6 +13,7 @@ import argparse
 from functools import partial
 
 import torch
+from open_clip.transformer import text_global_pool
 from torch.utils.flop_counter import FlopCounterMode
 
 from croft_search.backbones import load_backbone
@@ -28,8 +30,15 @@ def flops(run: object) -> int:
 
 
 def whole_sequences(learner: PromptLearner) -> torch.Tensor:
-    ctx = learner.context_vectors()
-    return learner.encoder(learner.prompt_embeddings(ctx), learner.tokens)
+    """Every prompt's whole token sequence as open_clip's encode_text runs it: every
+    position through every block, then the pooled one projected."""
+    encoder = learner.encoder
+    tower = encoder.tower
+    x = learner.prompt_embeddings(learner.context_vectors()) + tower.positional_embedding
+    x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask))
+    pooled = text_global_pool(x, learner.tokens, encoder.pool_type, eos_token_id=encoder.eos_id)
+    projection = tower.text_projection
+    return projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
 
 
 def main() -> None:
