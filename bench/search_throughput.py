@@ -5,13 +5,15 @@ and a plain Optuna loop calling run_trial in one process (`bench/optuna_loop.py`
 per-trial searches, the share of the trials phase's wall time spent outside run_trial (Ray
 scheduling, result plumbing, recording).
 
-    python bench/search_throughput.py [--trials 16] [--epochs 20] [--population 8]
+    python bench/search_throughput.py [--trials 16] [--epochs 20] [--population 8[,64]]
     python bench/search_throughput.py --space croft_digits --trials 32 [--repeats 3]
+                                      [--population 8,32]
 
 With ``--space``, a shipped space runs as shipped (its sampler, ASHA, mixed n_ctx): the
 per-trial search (``--population 1``, ASHA across trials), the population search (the
-default population for this machine, successive halving inside each population) and the
-plain Optuna loop, side by side. With ``--repeats N`` every row runs N times, the rows
+default population for this machine, successive halving inside each population), a
+population search for each size ``--population`` lists, and the plain Optuna loop, side by
+side. With ``--repeats N`` every row runs N times, the rows
 taking turns; each row shows its median run and the range, and each ratio is also given
 run by run (ASHA's stopping depends on the order trials report in, so a per-trial search of
 a space with ASHA varies from run to run).
@@ -57,7 +59,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--pretrained", default="default")
-    parser.add_argument("--population", type=int, default=8)
+    parser.add_argument("--population", default=None,
+                        help="population sizes, comma-separated (8 without --space)")  # fmt: skip
     parser.add_argument("--space", default=None, help="a shipped space, run as shipped")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of every row, taken in turns; the median is shown")  # fmt: skip
@@ -65,17 +68,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        sizes = [int(size) for size in (args.population or "").split(",") if size]
         if args.space:
             space = load_space(args.space).with_overrides(num_samples=args.trials)
             runs = [("per-trial search (--population 1)", None, 1),
                     ("population search (default population)", None, None)]  # fmt: skip
+            runs += [(f"population search (--population {k})", None, k) for k in sizes]
         else:
             space_file = folder / "throughput.yaml"
             space_file.write_text(SPACE.format(**vars(args)))
             space = load_space(str(space_file))
             runs = [(f"{c} concurrent trial(s)", c, 1) for c in (1, 2)]
-            runs += [(f"populations of {args.population}, {c} concurrent", c, args.population)
-                     for c in (1, 2)]  # fmt: skip
+            runs += [(f"populations of {k}, {c} concurrent", c, k)
+                     for k in sizes or [8] for c in (1, 2)]  # fmt: skip
         measured: dict[str, list[dict]] = {}
         for repeat in range(args.repeats):
             # In turns, so that a slower spell of the machine touches every row alike.

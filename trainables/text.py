@@ -77,11 +77,8 @@ class FrozenTextEncoder(nn.Module):
     def pooled_positions(self, tokens: torch.Tensor) -> list[int] | None:
         """The position each row of ``tokens`` [P, L] is read at, where the encoder is
         `causal`; None otherwise."""
-        if not self.causal:
-            return None
-        if self.pool_type == "eos":
-            return (tokens == self.eos_id).int().argmax(dim=-1).tolist()
-        return tokens.argmax(dim=-1).tolist()
+        read = self._read_positions(tokens) if self.causal else None
+        return None if read is None else read.tolist()
 
     @property
     def tower(self) -> nn.Module:
