@@ -101,6 +101,24 @@ def test_a_restarted_trial_keeps_only_its_last_attempt(search):
     assert pd.read_parquet(folder / TRIALS_FILE)["attempts"].tolist() == [2]
 
 
+def test_a_started_trial_has_its_running_child_run_and_finishing_completes_that_run(search):
+    folder, space, uri = search
+    recorder = Recorder(folder, space, echo=False)
+    recorder.trial_started("t1", recorded_config(1.5))
+    recorder.wait()
+    (running,) = live_child_runs(uri, folder).values()
+    assert running.info.status == "RUNNING" and running.data.metrics == {}
+    assert running.data.params["lambda1"] == "1.5" and running.data.params["epochs"] == "2"
+    recorder.trial_finished("t1", recorded_config(1.5), OK)
+    recorder.trial_started("t1", recorded_config(1.5))  # a replay after a resume
+    recorder.wait()
+    (finished,) = live_child_runs(uri, folder).values()
+    assert finished.info.run_id == running.info.run_id and finished.info.status == "FINISHED"
+    assert finished.data.metrics["objective"] == pytest.approx(0.7)
+    frame = pd.read_parquet(folder / TRIALS_FILE)
+    assert frame["mlflow_run_id"].tolist() == [running.info.run_id]
+
+
 def test_recorded_trials_replay_instead_of_training(search):
     folder, space, _ = search
     recorder = Recorder(folder, space, echo=False)
@@ -262,7 +280,8 @@ def test_recording_returns_before_the_study_and_mlflow_have_written(search, monk
     frame = pd.read_parquet(folder / TRIALS_FILE)
     assert frame["trial_id"].tolist() == ["p_0", "p_1", "p_2"]
     assert set(frame["mlflow_run_id"]) == {""} and len(study_trials(folder)) < 3
-    assert live_child_runs(uri, folder) == {}
+    # Only the runs the starts opened, none finished yet.
+    assert {r.info.status for r in live_child_runs(uri, folder).values()} <= {"RUNNING"}
     mlflow_free.set()
     recorder.wait()
     assert len(study_trials(folder)) == 3

@@ -132,7 +132,15 @@ class Recorder:
 
     # ------------------------------------------------------------------ engine events
     def trial_started(self, trial_id: str, config: Mapping[str, Any]) -> None:
+        """A trial (or a population's member) begins: its MLflow child run is opened now,
+        with its config as params, while it trains, so that when it finishes only its
+        metrics and status are left to write (a population's members all finish at once,
+        and the search's end waits for their writes)."""
+        if trial_id in self.table.by_id:
+            return  # a replay of a recorded trial
         self._started.setdefault(trial_id, time.time())
+        config = dict(config)
+        self._write(lambda: self.mlflow.call(lambda t: t.child(trial_id, config)))
 
     def trial_epoch(
         self, trial_id: str, config: Mapping[str, Any], metrics: Mapping[str, Any]
