@@ -6,6 +6,9 @@ that finish together, without curves, as a population search records them. Print
 trials/s for the whole recording (parquet, Optuna mirror, MLflow) of each, the target
 being at least 20 a second, and how fast the engine's thread (which starts the next
 trial) gets its events back, the study's and MLflow's writes running on their own thread.
+For populations also how fast the members' finishing writes go once the writes of their
+start are done (as when a population has trained meanwhile): what a search's end waits
+for after its last populations.
 
     python bench/recording_speed.py [--trials 200] [--population 32]
 """
@@ -35,8 +38,9 @@ def synthetic_result(rng: random.Random) -> dict[str, float]:
 
 
 def record(trials: int, folder: Path, epochs: int = 20, population: int = 1
-           ) -> tuple[float, float]:  # fmt: skip
-    """Trials/s recorded (every write done) and trials/s the events returned at."""
+           ) -> tuple[float, float, float | None]:  # fmt: skip
+    """Trials/s recorded (every write done), trials/s the events returned at, and for
+    populations the members/s of their finishing writes alone."""
     space = load_space("croft_digits").with_overrides(num_samples=trials)
     create_folder(folder, "bench", space, f"sqlite:///{folder.parent / 'mlflow.db'}", "val", {})
     recorder = Recorder(folder, space, echo=False)
@@ -47,28 +51,41 @@ def record(trials: int, folder: Path, epochs: int = 20, population: int = 1
         for _ in range(trials)
     ]  # fmt: skip
     started = time.perf_counter()
+    finishing = None
     if population > 1:
-        _record_populations(recorder, configs, population, rng)
+        returned, finishing = _record_populations(recorder, configs, population, rng)
     else:
         _record_one_at_a_time(recorder, configs, epochs, rng)
-    returned = time.perf_counter() - started
+        returned = time.perf_counter() - started
     recorder.close({"trials": trials})
-    return trials / (time.perf_counter() - started), trials / returned
+    total = time.perf_counter() - started
+    return trials / total, trials / returned, finishing and trials / finishing
 
 
 def _record_populations(recorder: Recorder, configs: list[dict], population: int,
-                        rng: random.Random) -> None:  # fmt: skip
-    """Members that finish together, without curves, as a population search records them."""
+                        rng: random.Random) -> tuple[float, float]:  # fmt: skip
+    """Members that finish together, without curves, as a population search records them.
+    Returns the seconds the events took to return and the seconds the finishing writes
+    took, each population's start written first (a population trains between the two)."""
+    returned = finishing = 0.0
     for first in range(0, len(configs), population):
         name = f"p{first:05d}"
         members = range(first, min(first + population, len(configs)))
+        started = time.perf_counter()
         for index in members:
             recorder.trial_started(f"{name}_{index - first}", configs[index])
+        returned += time.perf_counter() - started
+        recorder.wait()
+        finished = time.perf_counter()
         with recorder.together():
             for index in members:
                 result = synthetic_result(rng)
                 recorder.trial_finished(f"{name}_{index - first}", configs[index], result,
                                         node="bench", population=name)  # fmt: skip
+        returned += time.perf_counter() - finished
+        recorder.wait()
+        finishing += time.perf_counter() - finished
+    return returned, finishing
 
 
 def _record_one_at_a_time(recorder: Recorder, configs: list[dict], epochs: int,
@@ -90,12 +107,14 @@ def main() -> None:
     args = parser.parse_args()
     for population in (1, args.population):
         with tempfile.TemporaryDirectory() as tmp:
-            rate, returned = record(args.trials, Path(tmp) / "search", population=population)
+            rate, returned, finishing = record(args.trials, Path(tmp) / "search",
+                                               population=population)  # fmt: skip
         what = ("trials one at a time, 20 epochs of curves each" if population == 1
                 else f"members of populations of {population}")  # fmt: skip
         print(
             f"recorded {args.trials} {what}: {rate:.1f} trials/s (target: at least 20); "
             f"the engine's thread got its events back at {returned:.1f} trials/s"
+            + (f"; their finishing writes alone: {finishing:.1f} members/s" if finishing else "")
         )
 
 
