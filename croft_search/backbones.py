@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import io
 import os
 import pickle
 import threading
@@ -39,6 +40,7 @@ from PIL import Image
 from croft_search.config import model_dir
 from croft_search.contract import DEFAULT_CROP_SCALE, EMBEDDED_BACKBONE, check_setting
 from croft_search.errors import BackboneError
+from croft_search.portable_text import portable_text, shared_tensors, tensor_lookup
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED_CONFIG: Path = PACKAGE_DIR / "model_configs" / f"{EMBEDDED_BACKBONE}.json"
@@ -98,10 +100,24 @@ class Backbone:
 
     def to(self, device: torch.device | str) -> Backbone:
         """Moves the model to ``device``, in place, and records it (encoding sends its
-        inputs there)."""
+        inputs there); a model still packed moves when it is unpacked."""
         self.device = torch.device(device)
-        self.model.to(self.device)
+        if "model" in self.__dict__:
+            self.model.to(self.device)
+        text = self.__dict__.get("_text")
+        if text is not None:
+            text[0].to(self.device)
         return self
+
+    def text_parts(self) -> tuple[torch.nn.Module, Callable[..., torch.Tensor]]:
+        """The text tower and the tokenizer, for prompt learners: in a search's worker, their
+        portable forms where the backbone travelled with them (`croft_search.portable_text`:
+        nothing of open_clip is imported), else the model's own."""
+        text = self.__dict__.get("_text")
+        if text is not None:
+            return text
+        model = self.model
+        return (model.text if hasattr(model, "text") else model), self.tokenizer
 
     @property
     def preprocess_cfg(self) -> dict[str, Any]:
@@ -170,12 +186,25 @@ class Backbone:
     # transform and tokenizer are open_clip's and torchvision's objects, which cannot be
     # unpickled without importing both (seconds per worker); they travel packed instead and
     # are unpacked when first used, so a worker whose trials never run the backbone (every
-    # trial on cached features without learned prompts) never imports them.
+    # trial on cached features without learned prompts) never imports them. The text tower
+    # and tokenizer also travel in portable forms where they have them (`text_parts`), so
+    # a worker training prompt learners does not import them either; the packed model
+    # refers to the tower's tensors rather than holding them twice.
     def __reduce__(self) -> tuple[Any, tuple[dict[str, Any], bytes]]:
         light = {f.name: self.__dict__[f.name] for f in fields(self) if f.name not in _PACKED}
+        if "_text" not in self.__dict__:
+            unpacked = "_packed" not in self.__dict__
+            self.__dict__["_text"] = portable_text(self.model, self.tokenizer) if unpacked else None
+        text = self.__dict__["_text"]
+        light["_text"] = text
         packed = self.__dict__.get("_packed")
         if packed is None:
-            packed = pickle.dumps(tuple(self.__dict__[name] for name in _PACKED), protocol=5)
+            buffer = io.BytesIO()
+            pickler = pickle.Pickler(buffer, protocol=5)
+            shared = shared_tensors(text[0]) if text is not None else {}
+            pickler.persistent_id = lambda obj: shared.get(id(obj)) if shared else None
+            pickler.dump(tuple(self.__dict__[name] for name in _PACKED))
+            packed = buffer.getvalue()
         return _unpickled_backbone, (light, packed)
 
     def __getattr__(self, name: str) -> Any:
@@ -184,8 +213,13 @@ class Backbone:
         if name not in _PACKED or packed is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         open_clip_models()  # the embedded config, for objects that look it up
-        self.__dict__.update(zip(_PACKED, pickle.loads(packed), strict=True))
+        unpickler = pickle.Unpickler(io.BytesIO(packed))
+        text = self.__dict__.get("_text")
+        if text is not None:
+            unpickler.persistent_load = tensor_lookup(text[0])
+        self.__dict__.update(zip(_PACKED, unpickler.load(), strict=True))
         del self.__dict__["_packed"]
+        self.__dict__["model"].to(self.device)
         return self.__dict__[name]
 
 

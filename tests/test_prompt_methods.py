@@ -61,9 +61,8 @@ def test_encoder_reproduces_open_clip_encode_text(any_backbone):
 
 
 def _fake_backbone(tower: torch.nn.Module, tokenizer) -> SimpleNamespace:
-    model = SimpleNamespace(text=tower)
     return SimpleNamespace(
-        name="fake", model=model, tokenizer=tokenizer, context_length=16, embed_dim=32
+        name="fake", text_parts=lambda: (tower, tokenizer), context_length=16, embed_dim=32
     )
 
 

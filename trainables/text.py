@@ -19,6 +19,7 @@ from torch import nn
 
 from croft_search.backbones import Backbone
 from croft_search.errors import ConfigError
+from croft_search.portable_text import is_plain_block
 
 # The placeholder word whose token slots the learnable context replaces (CoOp uses "X").
 PLACEHOLDER = "X"
@@ -39,8 +40,7 @@ class FrozenTextEncoder(nn.Module):
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
-        model = backbone.model
-        tower = model.text if hasattr(model, "text") else model
+        tower, tokenizer = backbone.text_parts()
         needed = ("token_embedding", "positional_embedding", "transformer", "ln_final")
         if (
             not all(hasattr(tower, attr) for attr in needed)
@@ -54,7 +54,7 @@ class FrozenTextEncoder(nn.Module):
         # then stay out of state_dict() and parameters() of every method.
         self._tower = (tower,)
         self._backbone = (backbone,)
-        self.tokenizer = backbone.tokenizer
+        self.tokenizer = tokenizer
         self.context_length = backbone.context_length
         self.pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
         self.eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
@@ -179,14 +179,11 @@ class FrozenTextEncoder(nn.Module):
         every position's keys and values, and its output elsewhere reaches no feature, so
         in the last block the rest of the queries and the MLP would be work for nothing
         (most of that block's arithmetic where a few positions per sequence are read)."""
-        from open_clip.transformer import ResidualAttentionBlock  # loaded with the tower
-
         transformer = tower.transformer
         blocks = list(transformer.resblocks)
         last = blocks[-1]
         plain = (
-            type(last) is ResidualAttentionBlock
-            and not hasattr(last, "ln_1_kv")
+            is_plain_block(last)
             and getattr(transformer, "batch_first", False)
             and not getattr(transformer, "grad_checkpointing", False)
         )
