@@ -40,7 +40,7 @@ from PIL import Image
 from croft_search.config import model_dir
 from croft_search.contract import DEFAULT_CROP_SCALE, EMBEDDED_BACKBONE, check_setting
 from croft_search.errors import BackboneError
-from croft_search.portable_text import portable_text, shared_tensors, tensor_lookup
+from croft_search.portable_text import portable_text, shared_tensors, tensor_lookup, text_tower
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED_CONFIG: Path = PACKAGE_DIR / "model_configs" / f"{EMBEDDED_BACKBONE}.json"
@@ -116,8 +116,7 @@ class Backbone:
         text = self.__dict__.get("_text")
         if text is not None:
             return text
-        model = self.model
-        return (model.text if hasattr(model, "text") else model), self.tokenizer
+        return text_tower(self.model), self.tokenizer
 
     @property
     def preprocess_cfg(self) -> dict[str, Any]:
@@ -202,7 +201,7 @@ class Backbone:
             buffer = io.BytesIO()
             pickler = pickle.Pickler(buffer, protocol=5)
             shared = shared_tensors(text[0]) if text is not None else {}
-            pickler.persistent_id = lambda obj: shared.get(id(obj)) if shared else None
+            pickler.persistent_id = lambda obj: shared.get(id(obj))
             pickler.dump(tuple(self.__dict__[name] for name in _PACKED))
             packed = buffer.getvalue()
         return _unpickled_backbone, (light, packed)

@@ -38,6 +38,22 @@ TOKENIZER_PROBES = (
 _TOKENIZER_MODULE = "croft_search._open_clip_tokenizer"
 
 
+def text_tower(model: nn.Module) -> nn.Module:
+    """The module holding ``model``'s text transformer: ``model.text`` for open_clip's
+    `CustomTextCLIP`, the model itself for `CLIP` (its text tower inlined)."""
+    return model.text if hasattr(model, "text") else model
+
+
+def pool_type(tower: nn.Module) -> str:
+    """How ``tower`` reads a text's feature off its sequence (open_clip's two spellings)."""
+    return getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+
+
+def eos_id(tower: nn.Module) -> int | None:
+    """The end-of-text token id ``tower`` pools at, for the "eos" pool type."""
+    return getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+
+
 class CastLayerNorm(nn.LayerNorm):
     """Layer norm whose output has its input's dtype (open_clip's ``LayerNorm``)."""
 
@@ -133,9 +149,8 @@ class TextTower(nn.Module):
         self.ln_final = ln_final
         self.text_projection = source.text_projection
         self.register_buffer("attn_mask", source.attn_mask, persistent=False)
-        self.text_pool_type = getattr(source, "text_pool_type",
-                                      getattr(source, "pool_type", "argmax"))  # fmt: skip
-        self.text_eos_id = getattr(source, "text_eos_id", getattr(source, "eos_id", None))
+        self.text_pool_type = pool_type(source)
+        self.text_eos_id = eos_id(source)
 
 
 def is_plain_block(block: nn.Module) -> bool:
@@ -164,13 +179,13 @@ def portable_tower(model: nn.Module) -> TextTower | None:
     a `TextTower` sharing its parameters, or None if it has anything else: other blocks,
     activations or norms, no attention mask, a class token, a padding mask, a pool over
     several positions."""
-    tower = model.text if hasattr(model, "text") else model
+    tower = text_tower(model)
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
     if not all(hasattr(tower, name) for name in needed) or tower.attn_mask is None:
         return None
     if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
         return None
-    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
+    pool = pool_type(tower)
     transformer = tower.transformer
     if pool not in SINGLE_POSITION_POOLS or not getattr(transformer, "batch_first", False):
         return None

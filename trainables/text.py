@@ -19,7 +19,7 @@ from torch import nn
 
 from croft_search.backbones import Backbone
 from croft_search.errors import ConfigError
-from croft_search.portable_text import is_plain_block
+from croft_search.portable_text import eos_id, is_plain_block, pool_type
 
 # The placeholder word whose token slots the learnable context replaces (CoOp uses "X").
 PLACEHOLDER = "X"
@@ -56,8 +56,8 @@ class FrozenTextEncoder(nn.Module):
         self._backbone = (backbone,)
         self.tokenizer = tokenizer
         self.context_length = backbone.context_length
-        self.pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
-        self.eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+        self.pool_type = pool_type(tower)
+        self.eos_id = eos_id(tower)
         # Only open_clip's bidirectional TextTransformer may mask padding (use_pad_mask).
         self.pad_mask = bool(getattr(tower, "use_pad_mask", False))
         self.embed_dim = backbone.embed_dim
