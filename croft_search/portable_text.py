@@ -15,6 +15,7 @@ None, and the worker unpacks the whole model as before.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from collections.abc import Callable, Sequence
@@ -285,12 +286,8 @@ class PortableTokenizer:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            module = _tokenizer_module()
-            self._tokenizer = module.SimpleTokenizer(
-                additional_special_tokens=list(self.special_tokens) or None,
-                context_length=self.context_length,
-                clean=self.clean,
-            )
+            self._tokenizer = _simple_tokenizer(self.context_length, self.special_tokens,
+                                                self.clean)  # fmt: skip
         return self._tokenizer
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
@@ -298,6 +295,17 @@ class PortableTokenizer:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tokenizer": None}
+
+
+# A worker unpickles the backbone afresh for every trial it runs; building the vocabulary
+# once per process spares each trial reading and parsing the BPE file again.
+@functools.lru_cache(maxsize=8)
+def _simple_tokenizer(context_length: int, special_tokens: tuple[str, ...], clean: str) -> Any:
+    return _tokenizer_module().SimpleTokenizer(
+        additional_special_tokens=list(special_tokens) or None,
+        context_length=context_length,
+        clean=clean,
+    )
 
 
 def _tokenizer_module() -> ModuleType:

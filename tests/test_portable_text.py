@@ -162,3 +162,14 @@ def test_the_portable_tokenizer_tokenizes_as_open_clips_and_pickles_small(tiny):
     texts = [*TEXTS, *(f"a photo of the number {name}." for name in NAMES)]
     assert torch.equal(copied(texts), tiny.tokenizer(texts))
     assert torch.equal(copied(texts, context_length=40), tiny.tokenizer(texts, context_length=40))
+
+
+def test_unpickled_tokenizers_of_one_process_build_their_vocabulary_once(tiny):
+    # A worker unpickles the backbone for every trial; each copy must not rebuild the BPE.
+    portable = PortableTokenizer.of(tiny.tokenizer)
+    first, second = (pickle.loads(pickle.dumps(portable)) for _ in range(2))
+    assert first.tokenizer is second.tokenizer
+    longer = PortableTokenizer(portable.context_length + 8, portable.special_tokens,
+                               portable.clean)  # fmt: skip
+    assert longer.tokenizer is not first.tokenizer
+    assert longer(TEXTS).shape == (len(TEXTS), portable.context_length + 8)
