@@ -88,3 +88,25 @@ def test_the_methods_package_holds_methods_and_their_parts_only():
     names = {path.stem for path in (ROOT / "trainables").glob("*.py")}
     assert not names & {"trial", "loop", "evaluate", "settings"}
     assert "_INFRASTRUCTURE" not in (ROOT / "trainables" / "registry.py").read_text()
+
+
+def test_a_search_worker_imports_nothing_of_the_drivers():
+    # A worker process imports the modules of the functions Ray runs before its first
+    # trial: MLflow, the search folder or scipy's image filters would cost it seconds.
+    import subprocess
+    import sys
+
+    from croft_search.search import ray_engine
+
+    modules = sorted({ray_engine.trial_function.__module__,
+                      ray_engine.population_function.__module__})  # fmt: skip
+    assert "croft_search.search.ray_engine" not in modules
+    loaded = subprocess.run(
+        [sys.executable, "-c",
+         f"import sys, {', '.join(modules)}; print(' '.join(sorted(sys.modules)))"],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    ).stdout.split()  # fmt: skip
+    assert set(modules) <= set(loaded)
+    for driver_only in ("mlflow", "sqlalchemy", "scipy.ndimage", "croft_search.tracking",
+                        "croft_search.search.folder", "croft_search.search.recorder"):  # fmt: skip
+        assert driver_only not in loaded, driver_only

@@ -25,9 +25,11 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
 
 from croft_search.errors import DataError
+
+# scipy.ndimage is imported where a digit is drawn: the dataset registry imports this
+# module wherever a space is read, in every search worker too, and those never draw one.
 
 SHAPE_SIZE = 64  # the canvas the styles paint on; images are downsampled afterwards
 RESERVED_SPLIT_SEED = 20_240_517
@@ -110,6 +112,8 @@ def digit_mask(digit: int, pool: ShapePool, rng: np.random.Generator) -> np.ndar
 
 
 def _handwritten_shape(sample: np.ndarray, rng: np.random.Generator) -> Image.Image:
+    from scipy import ndimage
+
     size = int(rng.integers(36, 48))
     upsampled = Image.fromarray(np.uint8(sample * 255.0)).resize(
         (size, size), Image.Resampling.BICUBIC

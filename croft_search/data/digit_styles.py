@@ -11,9 +11,11 @@ from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 from croft_search.data.digit_shapes import SHAPE_SIZE
+
+# scipy.ndimage is imported where a digit is drawn: the dataset registry imports this
+# module wherever a space is read, in every search worker too, and those never draw one.
 
 IMAGE_SIZE = 32
 # Pixel coordinates of the canvas, shared by the styles that need them. Everything is
@@ -33,6 +35,8 @@ def render_style(domain: str, mask: np.ndarray, rng: np.random.Generator) -> Ima
 def photo(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A shaded, embossed digit casting a soft shadow on a smooth colour gradient, slightly
     out of focus, with sensor noise."""
+    from scipy import ndimage
+
     hue = rng.random()
     start = _hsv(hue, rng.uniform(0.1, 0.5), rng.uniform(0.45, 0.95))
     end = _hsv(hue + rng.uniform(-0.15, 0.15), rng.uniform(0.1, 0.5), rng.uniform(0.3, 0.9))
@@ -55,6 +59,8 @@ def photo(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def sketch(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Thin, broken graphite outlines (sometimes doubled, sometimes hatched inside) on
     grainy off-white paper."""
+    from scipy import ndimage
+
     paper_tone = rng.uniform(0.88, 1.0)
     grain_noise = 0.03 * rng.standard_normal((SHAPE_SIZE, SHAPE_SIZE), dtype=np.float32)
     paper = paper_tone + _blur(grain_noise, 0.6)
@@ -75,6 +81,8 @@ def sketch(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def cartoon(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A flat, saturated digit with a thick black outline and a flat drop shadow on a flat
     background of a contrasting hue, sometimes with flat polka dots."""
+    from scipy import ndimage
+
     hue = rng.random()
     background_colour = _hsv(hue, rng.uniform(0.55, 1.0), rng.uniform(0.75, 1.0))
     fill = _hsv(hue + rng.uniform(0.3, 0.7), rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0))
@@ -94,6 +102,8 @@ def painting(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Blotchy low-frequency colour fields with directional brush streaks; the digit is a
     semi-transparent, colour-jittered, ragged stroke of moderate contrast, and stray brush
     strokes cross the canvas."""
+    from scipy import ndimage
+
     palette = np.stack(
         [_hsv(rng.random(), rng.uniform(0.3, 0.85), rng.uniform(0.35, 0.9)) for _ in range(3)]
     )
@@ -142,6 +152,8 @@ def _uniform_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarr
 
 
 def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
     spatial = (sigma, sigma, 0.0) if image.ndim == 3 else sigma
     return ndimage.gaussian_filter(image, spatial)
 
@@ -186,6 +198,8 @@ def _contrasting(
 
 
 def _edges(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
     slope_y, slope_x = np.gradient(ndimage.gaussian_filter(mask, 0.8))
     magnitude = np.hypot(slope_x, slope_y)
     return np.clip(magnitude / max(float(magnitude.max()), 1e-6) * 1.8, 0.0, 1.0)
@@ -199,6 +213,8 @@ def _hatching(rng: np.random.Generator) -> np.ndarray:
 
 def _brush_streaks(rng: np.random.Generator) -> np.ndarray:
     """Zero-mean, unit-scale noise smeared along one direction, like bristle marks."""
+    from scipy import ndimage
+
     noise = rng.standard_normal((SHAPE_SIZE, SHAPE_SIZE), dtype=np.float32)
     along = rng.uniform(3.0, 7.0)
     sigma = (0.7, along) if rng.random() < 0.5 else (along, 0.7)

@@ -17,7 +17,6 @@ study, for optuna-dashboard), ``search.json`` and ``space.yaml``.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import socket
 import time
@@ -56,7 +55,7 @@ from croft_search.search.ray_populations import (
 from croft_search.search.ray_populations import searcher_class as population_searcher_class
 from croft_search.search.recorder import Recorder
 from croft_search.search.results import is_missing
-from croft_search.search.sampled_trial import run_sampled_trial
+from croft_search.search.sampled_trial import trial_function
 from croft_search.search.space import SearchSpace
 from croft_search.trial.runner import TrialResources, load_resources
 
@@ -105,33 +104,6 @@ class SearchOutcome:
     parent_run_id: str
     search_seconds: float = 0.0  # wall time of the trials phase (after features are loaded)
     population: int = 1
-
-
-# --------------------------------------------------------------------------- the trial side
-def trial_function(
-    config: dict[str, Any],
-    resources: TrialResources,
-    device: str,
-    threads: int,
-    finished: dict[str, dict[str, Any]] | None = None,
-    metrics: tuple[str, ...] = (JOINT_METRIC,),
-) -> None:
-    """What a Ray worker runs for one trial: `run_sampled_trial` reporting through Ray.
-    A failed trial's final report holds ``metrics`` (the searcher's and the scheduler's)
-    as NaN, since Ray refuses a result without them."""
-    import ray
-    from ray import tune
-
-    torch.set_num_threads(threads)
-    # Host name alone cannot tell two Ray nodes on one machine apart; the node id can.
-    node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
-    recorded = (finished or {}).get(tune.get_context().get_trial_id())
-    final = run_sampled_trial(
-        config, resources, device, lambda row: tune.report({**row, "node": node}), recorded
-    )
-    if final["status"] == "failed":
-        final = {**dict.fromkeys(metrics, math.nan), **final}
-    tune.report({"node": node, **final})
 
 
 # --------------------------------------------------------------------------- the driver side

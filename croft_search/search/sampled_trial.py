@@ -1,15 +1,24 @@
 """One sampled trial as any engine runs it: the run_trial configs of a sampled config
 (seeds averaged where a trial holds several), its per-epoch reports, and its final result
 with a status, a trial's own error being a failed result rather than an exception. The Ray
-engine's trainables wrap it; a resumed engine replays a recorded row through it."""
+engine's trainables wrap it (`trial_function` here, `ray_populations.population_function`);
+a resumed engine replays a recorded row through it.
+
+This module and what it imports are what a Ray worker loads to run a trial: nothing of the
+driver's (MLflow, the search folder) belongs here, since every worker process would import
+it before its first trial."""
 
 from __future__ import annotations
 
+import math
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from croft_search.contract import is_metric
+import torch
+
+from croft_search.contract import JOINT_METRIC, is_metric
 from croft_search.search.optuna_bridge import run_configs
 from croft_search.search.results import is_missing
 from croft_search.trial.runner import TrialResources, run_trial
@@ -61,3 +70,29 @@ def _mean_result(results: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(value, float):
             merged[key] = sum(r[key] for r in results) / len(results)
     return merged
+
+
+def trial_function(
+    config: dict[str, Any],
+    resources: TrialResources,
+    device: str,
+    threads: int,
+    finished: dict[str, dict[str, Any]] | None = None,
+    metrics: tuple[str, ...] = (JOINT_METRIC,),
+) -> None:
+    """What a Ray worker runs for one trial: `run_sampled_trial` reporting through Ray.
+    A failed trial's final report holds ``metrics`` (the searcher's and the scheduler's)
+    as NaN, since Ray refuses a result without them."""
+    import ray
+    from ray import tune
+
+    torch.set_num_threads(threads)
+    # Host name alone cannot tell two Ray nodes on one machine apart; the node id can.
+    node = f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:12]}"
+    recorded = (finished or {}).get(tune.get_context().get_trial_id())
+    final = run_sampled_trial(
+        config, resources, device, lambda row: tune.report({**row, "node": node}), recorded
+    )
+    if final["status"] == "failed":
+        final = {**dict.fromkeys(metrics, math.nan), **final}
+    tune.report({"node": node, **final})
