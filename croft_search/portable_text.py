@@ -251,14 +251,13 @@ def _activation(activation: nn.Module) -> nn.Module | None:
 
 class PortableTokenizer:
     """open_clip's `SimpleTokenizer` as its constructor's arguments: rebuilt where first
-    called, from open_clip's tokenizer module (loaded from its file, without importing
-    open_clip's package, where that is not imported already)."""
+    called, once per process, from open_clip's tokenizer module (loaded from its file,
+    without importing open_clip's package, where that is not imported already)."""
 
     def __init__(self, context_length: int, special_tokens: Sequence[str], clean: str) -> None:
         self.context_length = context_length
         self.special_tokens = tuple(special_tokens)
         self.clean = clean
-        self._tokenizer: Any = None
 
     @classmethod
     def of(cls, tokenizer: Any) -> PortableTokenizer | None:
@@ -285,16 +284,10 @@ class PortableTokenizer:
 
     @property
     def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = _simple_tokenizer(self.context_length, self.special_tokens,
-                                                self.clean)  # fmt: skip
-        return self._tokenizer
+        return _simple_tokenizer(self.context_length, self.special_tokens, self.clean)
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
         return self.tokenizer(texts, context_length=context_length)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tokenizer": None}
 
 
 # A worker unpickles the backbone afresh for every trial it runs; building the vocabulary
